@@ -1,0 +1,156 @@
+"""Pure quantization arithmetic: ranges -> (scale, zero_point), quantize, dequantize, packing.
+
+Rounding and saturation follow ONNX QuantizeLinear exactly so that exported graphs agree bit
+for bit: q = saturate(round_half_to_even(x / scale) + zero_point), x_hat = (q - zp) * scale,
+with the division done in float32. Range arithmetic is float64 so 1e30 outliers cannot overflow.
+
+| granularity | scale shape for x of shape (..., K)            |
+|-------------|------------------------------------------------|
+| PerTensor   | ()                                             |
+| PerChannel  | (x.shape[axis],)                               |
+| PerToken    | x.shape[:-1]                                   |
+| PerGroup(G) | x.shape[:-1] + (K // G,)                       |
+"""
+
+from __future__ import annotations
+
+import torch
+
+from quantwise.errors import ConfigError
+from quantwise.spec import Format, PerChannel, PerGroup, PerTensor, PerToken, QuantSpec
+
+# Smallest positive normal float32: the floor for every scale (bad-inputs 11 and 14).
+TINY = torch.finfo(torch.float32).tiny
+FP32_MAX = torch.finfo(torch.float32).max
+
+
+def tensor_range(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """(min, max) of `x` reduced to the scale shape of `spec`'s granularity, as float64."""
+    x = x.detach().to(torch.float64)
+    g = spec.granularity
+    if isinstance(g, PerTensor):
+        return x.amin(), x.amax()
+    if isinstance(g, PerChannel):
+        axis = g.axis % x.dim()
+        dims = [d for d in range(x.dim()) if d != axis]
+        return x.amin(dim=dims), x.amax(dim=dims)
+    if isinstance(g, PerToken):
+        return x.amin(dim=-1), x.amax(dim=-1)
+    grouped = _grouped(x, g.size)
+    return grouped.amin(dim=-1), grouped.amax(dim=-1)
+
+
+def qparams_from_range(amin: torch.Tensor, amax: torch.Tensor, spec: QuantSpec
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale (float32, floored at TINY) and zero point (int32) covering [amin, amax].
+
+    Symmetric: scale = max(|amin|, |amax|) / qmax, zero_point = 0.
+    Affine: the range is widened to include 0, scale = (max - min) / (qmax - qmin),
+    zero_point = round(qmin - min / scale) clamped into [qmin, qmax].
+    Float formats: fp8 scales amax onto the format's largest value; fp16/bf16/fp32 use scale 1.
+    """
+    amin = torch.as_tensor(amin, dtype=torch.float64)
+    amax = torch.as_tensor(amax, dtype=torch.float64)
+    if not (torch.isfinite(amin).all() and torch.isfinite(amax).all()):
+        raise ConfigError("quantization range is not finite; calibrators must exclude NaN/Inf first")
+    fmt = spec.format
+    zero = torch.zeros(amax.shape, dtype=torch.int32)
+    if not fmt.is_integer:
+        if fmt in (Format.FP8_E4M3, Format.FP8_E5M2):
+            absmax = torch.maximum(amin.abs(), amax.abs())
+            return _floor_scale(absmax / fmt.float_max), zero
+        return torch.ones(amax.shape, dtype=torch.float32), zero
+    qmin, qmax = spec.qmin, spec.qmax
+    if spec.symmetric:
+        if not fmt.is_signed and bool((amin < 0).any()):
+            raise ConfigError(
+                f"{fmt.value} symmetric (zero point 0) cannot represent negative values "
+                f"(min seen {float(amin.min()):.4g}); use a signed format or symmetric=False")
+        absmax = torch.maximum(amin.abs(), amax.abs())
+        return _floor_scale(absmax / qmax), zero
+    lo = torch.clamp(amin, max=0.0)
+    hi = torch.clamp(amax, min=0.0)
+    scale = _floor_scale((hi - lo) / (qmax - qmin))
+    zp = torch.round(qmin - lo / scale.to(torch.float64)).clamp(qmin, qmax).to(torch.int32)
+    return scale, zp
+
+
+def _floor_scale(scale64: torch.Tensor) -> torch.Tensor:
+    return scale64.clamp(min=TINY, max=FP32_MAX).to(torch.float32)
+
+
+def _grouped(x: torch.Tensor, size: int) -> torch.Tensor:
+    k = x.shape[-1]
+    if k % size:
+        raise ConfigError(f"last dimension {k} is not a multiple of group size {size}")
+    return x.reshape(*x.shape[:-1], k // size, size)
+
+
+def _broadcast(p: torch.Tensor, x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reshape a scale/zero-point tensor to broadcast against x (grouped x for PerGroup)."""
+    g = spec.granularity
+    if isinstance(g, PerTensor) or p.dim() == 0:
+        return p, x
+    if isinstance(g, PerChannel):
+        shape = [1] * x.dim()
+        shape[g.axis % x.dim()] = -1
+        return p.reshape(shape), x
+    if isinstance(g, PerToken):
+        return p.unsqueeze(-1), x
+    return p.unsqueeze(-1), _grouped(x, g.size)
+
+
+def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec: QuantSpec
+             ) -> torch.Tensor:
+    """Integer codes (int8 for signed, uint8 for unsigned; int4 codes unpacked) or fp8 values."""
+    fmt = spec.format
+    if not fmt.is_integer:
+        if fmt in (Format.FP8_E4M3, Format.FP8_E5M2):
+            s, xg = _broadcast(scale, x, spec)
+            y = (xg.float() / s).clamp(-fmt.float_max, fmt.float_max).to(fmt.storage_dtype)
+            return y.reshape(x.shape)
+        return x.to(fmt.storage_dtype)
+    s, xg = _broadcast(scale, x, spec)
+    z, _ = _broadcast(zero_point, x, spec)
+    q = torch.round(xg.float() / s) + z
+    return q.clamp(spec.qmin, spec.qmax).to(fmt.storage_dtype).reshape(x.shape)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec: QuantSpec
+               ) -> torch.Tensor:
+    """float32 values (q - zero_point) * scale, in the shape of q."""
+    fmt = spec.format
+    if not fmt.is_integer and fmt not in (Format.FP8_E4M3, Format.FP8_E5M2):
+        return q.float()
+    s, qg = _broadcast(scale, q, spec)
+    if fmt.is_integer:
+        z, _ = _broadcast(zero_point, q, spec)
+        return ((qg.to(torch.int32) - z).float() * s).reshape(q.shape)
+    return (qg.float() * s).reshape(q.shape)
+
+
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec: QuantSpec
+                  ) -> torch.Tensor:
+    """dequantize(quantize(x)) in x's dtype: the float simulation of the quantized tensor."""
+    return dequantize(quantize(x, scale, zero_point, spec), scale, zero_point, spec).to(x.dtype)
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """Two 4-bit codes per byte along the last dim (element 2i in the low nibble).
+
+    `codes` holds int4 values in [-8, 7] (int8) or uint4 in [0, 15] (uint8); an odd last
+    dimension is padded with a zero code. Returns uint8 of shape (..., ceil(K / 2)).
+    """
+    u = codes.to(torch.int16) & 0xF
+    if u.shape[-1] % 2:
+        u = torch.nn.functional.pad(u, (0, 1))
+    return (u[..., 0::2] | (u[..., 1::2] << 4)).to(torch.uint8)
+
+
+def unpack_int4(packed: torch.Tensor, length: int, signed: bool = True) -> torch.Tensor:
+    """Inverse of pack_int4: codes of last dimension `length` (int8 if signed else uint8)."""
+    p = packed.to(torch.int16)
+    u = torch.stack([p & 0xF, (p >> 4) & 0xF], dim=-1).reshape(*packed.shape[:-1], -1)[..., :length]
+    if signed:
+        return torch.where(u >= 8, u - 16, u).to(torch.int8)
+    return u.to(torch.uint8)
