@@ -58,7 +58,7 @@ def qparams_from_range(amin: torch.Tensor, amax: torch.Tensor, spec: QuantSpec
     if not fmt.is_integer:
         if fmt in (Format.FP8_E4M3, Format.FP8_E5M2):
             absmax = torch.maximum(amin.abs(), amax.abs())
-            return _floor_scale(absmax / fmt.float_max), zero
+            return _floor_scale(absmax / fmt.float_max, FP32_MAX / fmt.float_max), zero
         return torch.ones(amax.shape, dtype=torch.float32), zero
     qmin, qmax = spec.qmin, spec.qmax
     if spec.symmetric:
@@ -67,16 +67,19 @@ def qparams_from_range(amin: torch.Tensor, amax: torch.Tensor, spec: QuantSpec
                 f"{fmt.value} symmetric (zero point 0) cannot represent negative values "
                 f"(min seen {float(amin.min()):.4g}); use a signed format or symmetric=False")
         absmax = torch.maximum(amin.abs(), amax.abs())
-        return _floor_scale(absmax / qmax), zero
+        return _floor_scale(absmax / qmax, FP32_MAX / (qmax - qmin)), zero
     lo = torch.clamp(amin, max=0.0)
     hi = torch.clamp(amax, min=0.0)
-    scale = _floor_scale((hi - lo) / (qmax - qmin))
+    scale = _floor_scale((hi - lo) / (qmax - qmin), FP32_MAX / (qmax - qmin))
     zp = torch.round(qmin - lo / scale.to(torch.float64)).clamp(qmin, qmax).to(torch.int32)
     return scale, zp
 
 
-def _floor_scale(scale64: torch.Tensor) -> torch.Tensor:
-    return scale64.clamp(min=TINY, max=FP32_MAX).to(torch.float32)
+def _floor_scale(scale64: torch.Tensor, cap: float) -> torch.Tensor:
+    """float32 scale in [TINY, cap]; `cap` keeps (q - zp) * scale finite at float32's edge."""
+    scale32 = scale64.clamp(min=TINY, max=cap).to(torch.float32)
+    rounded_up = scale32.to(torch.float64) > cap
+    return torch.where(rounded_up, torch.nextafter(scale32, torch.zeros_like(scale32)), scale32)
 
 
 def _grouped(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -150,7 +153,8 @@ def pack_int4(codes: torch.Tensor) -> torch.Tensor:
 def unpack_int4(packed: torch.Tensor, length: int, signed: bool = True) -> torch.Tensor:
     """Inverse of pack_int4: codes of last dimension `length` (int8 if signed else uint8)."""
     p = packed.to(torch.int16)
-    u = torch.stack([p & 0xF, (p >> 4) & 0xF], dim=-1).reshape(*packed.shape[:-1], -1)[..., :length]
+    u = torch.stack([p & 0xF, (p >> 4) & 0xF], dim=-1).reshape(*packed.shape[:-1], 2 * packed.shape[-1])
+    u = u[..., :length]
     if signed:
         return torch.where(u >= 8, u - 16, u).to(torch.int8)
     return u.to(torch.uint8)
