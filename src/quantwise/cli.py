@@ -1,0 +1,109 @@
+"""The `quantwise` command line.
+
+Exit codes: 0 success, 2 bad input (usage, model, data, config, output path), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+
+from quantwise.config import CALIBRATORS, PRESETS
+from quantwise.errors import QuantwiseError, QuantwiseWarning
+
+QUANTIZE_EPILOG = """\
+examples:
+  quantwise quantize
+      the built-in digits classifier, w8a8, calibrated on its own data; prints before/after
+  quantwise quantize minilm --config w8a8-dynamic
+      the real all-MiniLM-L6-v2 sentence embedder, int8 weights, per-token int8 activations
+  quantwise quantize digits --method entropy --out out/digits-kl --overwrite
+      entropy (KL) calibration instead of max, into a chosen folder
+  quantwise quantize path/to/hf-folder --config w8 --calib sentences.txt
+      a local Hugging Face folder, weight-only int8, calibrated on a text file (one sample a line)
+  quantwise quantize mypkg.models:build --calib inputs/ --config my.yaml --json
+      a function returning an nn.Module, a folder of .npy/.safetensors inputs, a config file
+
+presets: {presets}
+a config file (YAML or JSON) holds defaults, ordered rules and excludes, e.g.:
+  preset: w8a8
+  rules:
+    - pattern: "*.output.dense"
+      calibrator: percentile
+  exclude: ["classifier"]
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="quantwise", description="Quantize trained PyTorch models and measure the result.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    q = sub.add_parser(
+        "quantize", help="quantize a model, save it, and print size / latency / quality before and after",
+        description="Quantize MODEL, save it to --out, and print size, latency and quality before/after.",
+        epilog=QUANTIZE_EPILOG.format(presets=", ".join(PRESETS)),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    q.add_argument("model", nargs="?", default="digits",
+                   help="built-in name (digits, minilm), Hugging Face folder, or package.module:function "
+                        "(default: digits)")
+    q.add_argument("--config", default="w8a8", help="preset name or YAML/JSON file (default: w8a8)")
+    q.add_argument("--calib", help="calibration data: built-in name (digits, stdlib-text), a text file, "
+                                   "or a folder of .npy/.safetensors (default: the model's own)")
+    q.add_argument("--method", choices=CALIBRATORS, help="activation calibrator for every layer")
+    q.add_argument("--out", help="output folder (default: quantwise-out/MODEL-CONFIG)")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    q.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    q.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
+    return parser
+
+
+def _format_report(report) -> str:
+    b, a = report.before, report.after
+    higher_better = b.quality.metric != "perplexity"
+    rows = [("", "size on disk", "latency (median)", b.quality.metric),
+            ("fp32", f"{b.size_bytes / 1e6:.3f} MB", f"{b.latency_ms:.2f} ms", _quality(b.quality)),
+            (a.name, f"{a.size_bytes / 1e6:.3f} MB", f"{a.latency_ms:.2f} ms", _quality(a.quality)),
+            ("ratio", f"{a.size_bytes / b.size_bytes:.3f}x", f"{b.latency_ms / a.latency_ms:.2f}x faster",
+             f"{a.quality.value - b.quality.value:+.4f}" if higher_better else "")]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return (f"\n{report.layers}\n\nmodel {report.model}, config {report.config}, "
+            f"{report.threads} threads, saved to {report.out}\n" + "\n".join(lines))
+
+
+def _quality(result) -> str:
+    extra = "".join(f" ({k} {v:.4f})" for k, v in result.details.items())
+    return f"{result.value:.4f}{extra}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    log = (lambda _: None) if args.quiet or args.json else (lambda m: print(m, file=sys.stderr))
+    try:
+        from quantwise.job import run_quantize_job  # heavy imports only once the args are valid
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", QuantwiseWarning)
+            report = run_quantize_job(args.model, args.config, args.calib, args.method, args.out,
+                                      args.overwrite, progress=not (args.quiet or args.json), log=log)
+        report.notes = sorted({str(w.message) for w in caught if issubclass(w.category, QuantwiseWarning)})
+    except QuantwiseError as exc:
+        print(f"quantwise: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("quantwise: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print(_format_report(report))
+        for note in report.notes:
+            print(f"note: {note}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

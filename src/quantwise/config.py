@@ -1,0 +1,244 @@
+"""Config: how each layer is quantized. Defaults plus ordered rules (first match wins).
+
+    cfg = Config.preset("w8a8")
+    cfg = cfg.with_rule(Rule(pattern="*.output.dense", activation=None))  # keep those inputs float
+    cfg.exclude.append("classifier")
+    cfg.save("my.yaml"); Config.load("my.yaml")
+
+A rule matches a layer by fnmatch `pattern` on its qualified name and optionally by module
+`types` (class names such as "Linear", "Conv2d"); the fields it sets override the defaults.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import json
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from quantwise.errors import ConfigError
+from quantwise.fileio import atomic_write_text
+from quantwise.spec import PerChannel, PerGroup, PerTensor, PerToken, QuantSpec
+
+CALIBRATORS = ("max", "percentile", "entropy", "mse")
+_UNSET: Any = object()
+
+
+@dataclass(frozen=True)
+class LayerConfig:
+    """How one layer is quantized.
+
+    weight: spec of the weight (None: weights stay float).
+    activation: spec of the layer's input (None: weight-only, the input stays float).
+    dynamic: the activation scale is computed at run time (no calibration).
+    calibrator: range estimator of static activations; calibrator_args go to its constructor.
+    """
+
+    weight: QuantSpec | None = None
+    activation: QuantSpec | None = None
+    dynamic: bool = False
+    calibrator: str = "max"
+    calibrator_args: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.calibrator not in CALIBRATORS:
+            raise ConfigError(f"unknown calibrator {self.calibrator!r}; valid: {', '.join(CALIBRATORS)}")
+        if self.dynamic and self.activation is None:
+            raise ConfigError("dynamic=True needs an activation spec (per_tensor or per_token)")
+        if self.activation is not None and not self.dynamic and isinstance(
+                self.activation.granularity, PerToken):
+            raise ConfigError("per_token activation scales exist only at run time: set dynamic=True")
+
+    @property
+    def is_float(self) -> bool:
+        return self.weight is None and self.activation is None
+
+    def describe(self) -> str:
+        """Short human label: 'w int8 per_channel / a uint8 per_tensor static (max)'."""
+        if self.is_float:
+            return "fp32"
+        parts = []
+        if self.weight is not None:
+            parts.append(f"w {self.weight.format.value} {_gran_label(self.weight)}")
+        if self.activation is not None:
+            how = "dynamic" if self.dynamic else f"static ({self.calibrator})"
+            parts.append(f"a {self.activation.format.value} {_gran_label(self.activation)} {how}")
+        return " / ".join(parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"weight": self.weight.to_dict() if self.weight else None,
+                "activation": self.activation.to_dict() if self.activation else None,
+                "dynamic": self.dynamic, "calibrator": self.calibrator,
+                "calibrator_args": dict(self.calibrator_args)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], base: "LayerConfig | None" = None) -> "LayerConfig":
+        """Fields in `data` override `base` (or the defaults); unknown keys are an error."""
+        _check_keys(data, {f.name for f in fields(cls)}, "layer config")
+        values = {}
+        for key, value in data.items():
+            if key in ("weight", "activation") and value is not None:
+                value = value if isinstance(value, QuantSpec) else QuantSpec.from_dict(value)
+            values[key] = value
+        return replace(base, **values) if base is not None else cls(**values)
+
+
+def _gran_label(spec: QuantSpec) -> str:
+    g = spec.granularity
+    if isinstance(g, PerGroup):
+        return f"group {g.size}"
+    if isinstance(g, PerChannel):
+        return "per_channel"
+    return "per_token" if isinstance(g, PerToken) else "per_tensor"
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Select layers by name pattern and/or module types; `overrides` change the defaults."""
+
+    pattern: str = "*"
+    types: tuple[str, ...] = ()
+    overrides: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "types", tuple(self.types))
+        LayerConfig.from_dict(self.overrides, LayerConfig())  # validate eagerly: typos fail here
+
+    def matches(self, name: str, module_type: str) -> bool:
+        if self.types and module_type not in self.types:
+            return False
+        return fnmatch.fnmatchcase(name, self.pattern)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"pattern": self.pattern}
+        if self.types:
+            out["types"] = list(self.types)
+        for key, value in self.overrides.items():
+            out[key] = value.to_dict() if isinstance(value, QuantSpec) else value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Rule":
+        layer_keys = {f.name for f in fields(LayerConfig)}
+        _check_keys(data, layer_keys | {"pattern", "types"}, "rule")
+        overrides = {k: v for k, v in data.items() if k in layer_keys}
+        return cls(pattern=data.get("pattern", "*"), types=tuple(data.get("types", ())),
+                   overrides=overrides)
+
+
+@dataclass
+class Config:
+    """Defaults plus ordered rules (first match wins) plus exclude patterns."""
+
+    default: LayerConfig = field(default_factory=LayerConfig)
+    rules: list[Rule] = field(default_factory=list)
+    exclude: list[str] = field(default_factory=list)
+    name: str = "custom"
+
+    def layer_config(self, name: str, module_type: str) -> tuple[LayerConfig, str]:
+        """The LayerConfig for one layer and why: ('default', 'rule 2: *.fc', 'excluded by ...')."""
+        for pattern in self.exclude:
+            if fnmatch.fnmatchcase(name, pattern):
+                return LayerConfig(), f"excluded by {pattern!r}"
+        for index, rule in enumerate(self.rules):
+            if rule.matches(name, module_type):
+                return LayerConfig.from_dict(rule.overrides, self.default), f"rule {index}: {rule.pattern}"
+        return self.default, "default"
+
+    def with_rule(self, rule: Rule, first: bool = True) -> "Config":
+        """A copy with `rule` added first (it then wins over the existing rules) or last."""
+        rules = [rule, *self.rules] if first else [*self.rules, rule]
+        return replace(self, rules=rules, exclude=list(self.exclude))
+
+    def with_calibrator(self, calibrator: str, **calibrator_args: Any) -> "Config":
+        """A copy whose default (and every rule's) static calibrator is `calibrator`."""
+        default = replace(self.default, calibrator=calibrator, calibrator_args=calibrator_args)
+        rules = [replace(r, overrides={k: v for k, v in r.overrides.items()
+                                       if k not in ("calibrator", "calibrator_args")})
+                 for r in self.rules]
+        return replace(self, default=default, rules=rules, exclude=list(self.exclude))
+
+    # -- files --------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "default": self.default.to_dict(),
+                "rules": [r.to_dict() for r in self.rules], "exclude": list(self.exclude)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Config":
+        if not isinstance(data, dict):
+            raise ConfigError(f"a config must be a mapping, got {type(data).__name__}")
+        _check_keys(data, {"name", "default", "rules", "exclude", "preset"}, "config")
+        base = cls.preset(data["preset"]) if "preset" in data else cls()
+        default = LayerConfig.from_dict(data.get("default") or {}, base.default)
+        rules = [Rule.from_dict(r) for r in data.get("rules") or []] + base.rules
+        exclude = list(data.get("exclude") or []) + base.exclude
+        return cls(default=default, rules=rules, exclude=exclude,
+                   name=data.get("name", data.get("preset", "custom")))
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        text = (json.dumps(self.to_dict(), indent=2) if path.suffix == ".json"
+                else yaml.safe_dump(self.to_dict(), sort_keys=False))
+        atomic_write_text(path, text)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Config":
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            text = path.read_text()
+            data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        except (json.JSONDecodeError, yaml.YAMLError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"config file {path} is not valid JSON/YAML: {exc}") from None
+        return cls.from_dict(data)
+
+    # -- presets -------------------------------------------------------------------------------
+    @classmethod
+    def preset(cls, name: str) -> "Config":
+        if name not in PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
+        return copy.deepcopy(PRESETS[name])
+
+    @classmethod
+    def resolve(cls, config: "Config | str | Path | dict") -> "Config":
+        """A Config from a Config, a preset name, a YAML/JSON path, or a dict."""
+        if isinstance(config, Config):
+            return config
+        if isinstance(config, dict):
+            return cls.from_dict(config)
+        text = str(config)
+        if text in PRESETS:
+            return cls.preset(text)
+        if Path(text).suffix in (".yaml", ".yml", ".json") or Path(text).exists():
+            return cls.load(text)
+        raise ConfigError(f"unknown preset {text!r}; valid presets: {', '.join(PRESETS)}, "
+                          "or a path to a .yaml/.json config file")
+
+
+def _check_keys(data: dict[str, Any], allowed: set[str], what: str) -> None:
+    if not isinstance(data, dict):
+        raise ConfigError(f"a {what} must be a mapping, got {data!r}")
+    unknown = set(data) - allowed
+    if unknown:
+        raise ConfigError(f"unknown {what} keys {sorted(unknown)}; valid keys: {sorted(allowed)}")
+
+
+_W8 = QuantSpec("int8", symmetric=True, narrow_range=True, granularity=PerChannel(0))
+_W4 = QuantSpec("int4", symmetric=True, granularity=PerGroup(128))
+_A8_STATIC = QuantSpec("uint8", symmetric=False, granularity=PerTensor())
+_A8_TOKEN = QuantSpec("int8", symmetric=True, granularity=PerToken())
+
+PRESETS: dict[str, Config] = {
+    "w8a8": Config(LayerConfig(weight=_W8, activation=_A8_STATIC), name="w8a8"),
+    "w8a8-dynamic": Config(LayerConfig(weight=_W8, activation=_A8_TOKEN, dynamic=True),
+                           name="w8a8-dynamic"),
+    "w8": Config(LayerConfig(weight=_W8), name="w8"),
+    "w4": Config(LayerConfig(weight=_W4), name="w4"),
+    "fp16": Config(LayerConfig(weight=QuantSpec("fp16")), name="fp16"),
+    "bf16": Config(LayerConfig(weight=QuantSpec("bf16")), name="bf16"),
+}

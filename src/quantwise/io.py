@@ -1,0 +1,182 @@
+"""save / load: a folder with model.safetensors (integer weights, scales, zero points, float
+params) and quantwise.json (config, per-layer metadata, versions). No pickle anywhere.
+
+    quantwise.save(qmodel, "out/digits-w8a8")
+    qmodel = quantwise.load("out/digits-w8a8", model=float_model)
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import json
+import os
+import platform
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import safetensors
+import safetensors.torch
+import torch
+from torch import nn
+
+from quantwise._version import __version__
+from quantwise.config import Config
+from quantwise.errors import CheckpointError, OutputPathError
+from quantwise.fileio import atomic_write_text
+from quantwise.models.registry import load_model
+from quantwise.modules import QuantizedLayer
+from quantwise.state import LayerRecord, QuantState, get_state, set_state
+
+WEIGHTS_FILE = "model.safetensors"
+META_FILE = "quantwise.json"
+FORMAT_VERSION = 1
+
+
+def check_output_dir(folder: str | Path, overwrite: bool = False,
+                     inputs: tuple[str | Path, ...] = ()) -> Path:
+    """Refuse an output folder that is an input, exists without `overwrite`, or is not writable.
+
+    Called before any long work (bad-inputs 19 and 21)."""
+    folder = Path(folder)
+    resolved = folder.resolve()
+    for item in inputs:
+        item_path = Path(item).resolve()
+        if resolved == item_path or item_path.is_relative_to(resolved):
+            raise OutputPathError(f"output {folder} is (or contains) the input {item}: "
+                                  "choose another --out folder")
+    if folder.exists():
+        if not folder.is_dir():
+            raise OutputPathError(f"output {folder} exists and is not a folder")
+        if any(folder.iterdir()) and not overwrite:
+            raise OutputPathError(f"output folder {folder} already exists: pass --overwrite "
+                                  "(overwrite=True) or choose another folder")
+    parent = _existing_parent(resolved)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputPathError(f"cannot write under {parent}: choose a writable --out folder")
+    return folder
+
+
+def _existing_parent(path: Path) -> Path:
+    while not path.exists():
+        path = path.parent
+    return path if path.is_dir() else path.parent
+
+
+def save(model: nn.Module, folder: str | Path, overwrite: bool = False) -> Path:
+    """Write the quantized model to `folder` atomically: all of it, or the old content stays."""
+    state = get_state(model)
+    if state.stage != "converted":
+        raise CheckpointError("only a converted model can be saved: call quantwise.convert() first")
+    folder = check_output_dir(folder, overwrite)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        safetensors.torch.save_model(model, str(staging / WEIGHTS_FILE),
+                                     metadata={"format": "quantwise", "version": str(FORMAT_VERSION)})
+        atomic_write_text(staging / META_FILE, json.dumps(_metadata(model, state), separators=(",", ":")))
+        _swap_in(staging, folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return folder
+
+
+def _swap_in(staging: Path, folder: Path) -> None:
+    """Replace `folder` by `staging` with renames, so a reader never sees half a checkpoint."""
+    if not folder.exists():
+        os.replace(staging, folder)
+        return
+    backup = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old.", dir=folder.parent))
+    os.replace(folder, backup / "old")
+    try:
+        os.replace(staging, folder)
+    except BaseException:
+        os.replace(backup / "old", folder)
+        raise
+    finally:
+        shutil.rmtree(backup, ignore_errors=True)
+
+
+def _metadata(model: nn.Module, state: QuantState) -> dict[str, Any]:
+    layers = {name: m.meta() for name, m in model.named_modules() if isinstance(m, QuantizedLayer)}
+    return {"format": "quantwise", "format_version": FORMAT_VERSION,
+            "quantwise_version": __version__, "torch_version": torch.__version__,
+            "python": platform.python_version(),
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "source": state.source, "config": state.config.to_dict(), "layers": layers,
+            "records": [r.to_dict() for r in state.records.values()]}
+
+
+def read_metadata(folder: str | Path) -> dict[str, Any]:
+    """The parsed quantwise.json of a saved folder, with clear errors for anything else."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder} is not a folder: pass a folder written by quantwise.save")
+    meta_path, weights = folder / META_FILE, folder / WEIGHTS_FILE
+    if not meta_path.is_file() or not weights.is_file():
+        raise CheckpointError(f"{folder} has no quantwise checkpoint ({META_FILE} and "
+                              f"{WEIGHTS_FILE}): pass a folder written by quantwise.save")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{meta_path} is not valid JSON ({exc})") from None
+    if not isinstance(meta, dict) or meta.get("format") != "quantwise":
+        raise CheckpointError(f"{meta_path} is not a quantwise metadata file")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{meta_path} has format version {meta.get('format_version')}; "
+                              f"this quantwise reads version {FORMAT_VERSION}")
+    return meta
+
+
+def load(folder: str | Path, model: nn.Module | None = None) -> nn.Module:
+    """Rebuild a saved quantized model on a copy of its float model (`model` is untouched).
+
+    `model` may be omitted when the checkpoint records a built-in or loadable source.
+    """
+    folder = Path(folder)
+    meta = read_metadata(folder)
+    if model is None:
+        model = _model_from_source(meta.get("source"))
+    qmodel = copy.deepcopy(model)
+    layers: dict[str, QuantizedLayer] = {}
+    for name, layer_meta in meta["layers"].items():
+        try:
+            qmodel.get_submodule(name)
+        except AttributeError:
+            raise CheckpointError(f"checkpoint layer {name!r} does not exist in the given model: "
+                                  "pass the float model the checkpoint was made from") from None
+        layer = QuantizedLayer.from_meta(layer_meta)
+        layer.qname = name
+        layers[name] = layer
+        qmodel.set_submodule(name, layer)
+    for layer in layers.values():
+        if layer.tied_to:
+            layer.tie_weight(layers[layer.tied_to])
+    _load_weights(qmodel, folder / WEIGHTS_FILE)
+    for layer in layers.values():
+        layer.build_kernel()
+    records = {r["name"]: LayerRecord(**r) for r in meta["records"]}
+    set_state(qmodel, QuantState(Config.from_dict(meta["config"]), records, meta.get("source"),
+                                 stage="converted"))
+    return qmodel.eval()
+
+
+def _load_weights(model: nn.Module, path: Path) -> None:
+    if path.stat().st_size < 8:
+        raise CheckpointError(f"{path} is truncated or not a safetensors file")
+    try:
+        missing, unexpected = safetensors.torch.load_model(model, str(path), strict=False)
+    except (safetensors.SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{path} is truncated or not a valid safetensors file ({exc})") from None
+    if missing or unexpected:
+        raise CheckpointError(f"{path} does not match the model: missing keys {sorted(missing)}, "
+                              f"unexpected keys {sorted(unexpected)}")
+
+
+def _model_from_source(source: str | None) -> nn.Module:
+    if not source:
+        raise CheckpointError("this checkpoint records no source model: pass model=<the float model>")
+    return load_model(source)[0]

@@ -1,0 +1,116 @@
+"""The main job: load a model, quantize it, save it, and measure before/after side by side.
+
+Used by `quantwise quantize`; returns a JobReport that the command line prints as a table or JSON.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from quantwise.config import Config
+from quantwise.errors import CalibrationError
+from quantwise.data import corpus_split, load_calibration_data
+from quantwise.evaluate import (EvalResult, evaluate, float_checkpoint_bytes, folder_bytes,
+                                median_latency_ms)
+from quantwise.io import check_output_dir, save
+from quantwise.models.registry import DEFAULT_MODEL, ModelInfo, load_model
+from quantwise.summary import Summary, summary
+from quantwise.workflow import quantize
+
+
+@dataclass
+class Measured:
+    name: str
+    size_bytes: int
+    latency_ms: float
+    quality: EvalResult
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "size_bytes": self.size_bytes, "latency_ms": self.latency_ms,
+                "metric": self.quality.metric, "quality": self.quality.value,
+                **{f"quality_{k}": v for k, v in self.quality.details.items()}}
+
+
+@dataclass
+class JobReport:
+    model: str
+    config: str
+    out: Path
+    threads: int
+    before: Measured
+    after: Measured
+    layers: Summary
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "config": self.config, "out": str(self.out),
+                "threads": self.threads, "before": self.before.to_dict(), "after": self.after.to_dict(),
+                "size_ratio": self.after.size_bytes / self.before.size_bytes,
+                "speedup": self.before.latency_ms / self.after.latency_ms,
+                "layers": self.layers.to_dict(), "notes": self.notes}
+
+
+def default_out(model_ref: str, config_name: str) -> Path:
+    stem = Path(model_ref).name if model_ref not in ("", None) else DEFAULT_MODEL
+    stem = stem.replace(":", "-").replace(".", "-")
+    return Path("quantwise-out") / f"{stem}-{config_name}"
+
+
+def eval_batches(info: ModelInfo, calib: list[Any]) -> tuple[list[Any], str]:
+    """Held-out evaluation data and the metric for a model; custom models use their calib data."""
+    if info.eval_data == "digits":
+        from quantwise.models.digits import digits_data
+
+        images, labels = digits_data("test")
+        return [(images[i:i + 64], labels[i:i + 64]) for i in range(0, len(images), 64)], "top1"
+    if info.eval_data == "stdlib-text":
+        from quantwise.models.minilm import load_tokenizer, tokenize
+
+        tokenizer = load_tokenizer(info.source)
+        sentences = corpus_split("heldout")
+        return [tokenize(tokenizer, sentences[i:i + 32]) for i in range(0, len(sentences), 32)], "cosine"
+    return calib, "cosine"
+
+
+def run_quantize_job(model_ref: str = DEFAULT_MODEL, config: str = "w8a8", calib: str | None = None,
+                     method: str | None = None, out: str | Path | None = None,
+                     overwrite: bool = False, progress: bool = True,
+                     log: Callable[[str], None] = lambda _: None) -> JobReport:
+    cfg = Config.resolve(config)
+    if method:
+        cfg = cfg.with_calibrator(method)
+    out = Path(out) if out else default_out(model_ref, cfg.name)
+    inputs = (model_ref, calib) if Path(model_ref).exists() else ((calib,) if calib else ())
+    check_output_dir(out, overwrite, inputs=tuple(p for p in inputs if p and Path(p).exists()))
+    log(f"loading model {model_ref!r}")
+    model, info = load_model(model_ref)
+    calib_spec = calib or info.calib_data
+    if calib_spec is None:
+        raise CalibrationError(f"model {info.name!r} has no built-in calibration data: pass --calib "
+                               "(a text file, or a folder of .npy / .safetensors inputs)")
+    calib_data = load_calibration_data(calib_spec, info)
+    log(f"quantizing with {cfg.name} ({len(calib_data)} calibration batches from {calib_spec!r})")
+    qmodel = quantize(model, cfg, calib_data, progress=progress, source=_source(model_ref))
+    save(qmodel, out, overwrite=overwrite)
+    log(f"saved to {out}; measuring before/after")
+    evals, metric = eval_batches(info, calib_data)
+    reference = model if metric == "cosine" else None
+    threads = torch.get_num_threads()
+    sample = evals[0][0] if metric == "top1" else evals[0]
+    before = Measured("fp32", float_checkpoint_bytes(model), median_latency_ms(model, sample),
+                      evaluate(model, evals, metric, reference=reference))
+    after = Measured(cfg.name, folder_bytes(out), median_latency_ms(qmodel, sample),
+                     evaluate(qmodel, evals, metric, reference=reference))
+    return JobReport(info.name, cfg.name, out, threads, before, after, summary(qmodel))
+
+
+def _source(model_ref: str) -> str:
+    """What load() can rebuild the float model from: a built-in name, folder, or module:function."""
+    path = Path(model_ref)
+    return str(path.resolve()) if path.exists() else model_ref
+

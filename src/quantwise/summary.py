@@ -1,0 +1,56 @@
+"""summary(qmodel): one row per layer: format, granularity, calibrator, the kernel that runs, why."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from torch import nn
+
+from quantwise.state import LayerRecord, get_state
+
+
+@dataclass
+class Summary:
+    rows: list[LayerRecord]
+
+    @property
+    def quantized(self) -> list[LayerRecord]:
+        return [r for r in self.rows if r.status == "quantized"]
+
+    @property
+    def float_layers(self) -> list[LayerRecord]:
+        return [r for r in self.rows if r.status == "float"]
+
+    def to_dict(self) -> dict:
+        return {"layers": [r.to_dict() for r in self.rows],
+                "counts": {"quantized": len(self.quantized), "float": len(self.float_layers)}}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def __str__(self) -> str:
+        header = ("layer", "type", "format", "calibrator", "kernel", "note")
+        table = [header] + [(r.name, r.module_type, r.config, r.calibrator or "-", r.kernel,
+                             _note(r)) for r in self.rows]
+        widths = [min(max(len(row[i]) for row in table), 72) for i in range(len(header) - 1)]
+        lines = []
+        for i, row in enumerate(table):
+            cells = [c[:w].ljust(w) for c, w in zip(row, widths)] + [row[-1]]
+            lines.append("  ".join(cells).rstrip())
+            if i == 0:
+                lines.append("  ".join("-" * w for w in widths) + "  ----")
+        lines.append(f"{len(self.quantized)} layers quantized, {len(self.float_layers)} kept float")
+        return "\n".join(lines)
+
+
+def _note(record: LayerRecord) -> str:
+    parts = [record.reason] if record.reason else []
+    if record.nonfinite:
+        parts.append(f"{record.nonfinite} of {record.seen} calibration values non-finite (excluded)")
+    return "; ".join(parts)
+
+
+def summary(model: nn.Module) -> Summary:
+    """Per-layer table of a prepared or quantized model; `print()` it or call `.to_json()`."""
+    return Summary(list(get_state(model).records.values()))

@@ -1,0 +1,250 @@
+"""prepare -> calibrate -> convert, and quantize() that does all three.
+
+    qmodel = quantwise.quantize(model, "w8a8", calib_batches)   # model itself is untouched
+
+Step by step:
+
+    prepared = quantwise.prepare(model, config)     # deep copy, layers wrapped with observers
+    quantwise.calibrate(prepared, calib_batches)     # eval mode, no grad, streams statistics
+    qmodel = quantwise.convert(prepared)             # integer weights, real kernels
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import warnings
+from collections.abc import Iterable
+from dataclasses import replace
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from quantwise.config import Config
+from quantwise.errors import CalibrationError, QuantwiseError, QuantwiseWarning
+from quantwise.modules import ObservedLayer, QuantizedLayer, SUPPORTED, kind_of, unsupported_reason
+from quantwise.modules import weight_spec_for
+from quantwise.modules.layers import conv_args
+from quantwise.numerics import qparams_from_range, quantize as quantize_tensor, tensor_range
+from quantwise.spec import QuantSpec
+from quantwise.state import LayerRecord, QuantState, get_state, set_state
+
+
+def prepare(model: nn.Module, config: "Config | str", source: str | None = None) -> nn.Module:
+    """A deep copy of `model` whose selected layers observe their inputs for calibration."""
+    config = Config.resolve(config)
+    prepared = copy.deepcopy(model)
+    state = QuantState(config=config, source=source)
+    supported_children: set[str] = set()
+    for name, module in list(prepared.named_modules()):
+        if not name or any(name.startswith(p + ".") for p in supported_children):
+            continue
+        type_name = type(module).__name__
+        if isinstance(module, SUPPORTED):
+            supported_children.add(name)
+            layer_config, origin = config.layer_config(name, type_name)
+            reason = unsupported_reason(module)
+            if layer_config.is_float or reason:
+                state.records[name] = LayerRecord(name, type_name, origin=origin,
+                                                  reason=reason or origin)
+                continue
+            prepared.set_submodule(name, ObservedLayer(module, name, layer_config, origin))
+            state.records[name] = LayerRecord(name, type_name, config=layer_config.describe(),
+                                              origin=origin, calibrator=_calibrator_name(layer_config, module))
+        elif any(True for _ in module.parameters(recurse=False)):
+            state.records[name] = LayerRecord(name, type_name, reason=unsupported_reason(module))
+    set_state(prepared, state)
+    return prepared
+
+
+def _calibrator_name(layer_config, module: nn.Module) -> str | None:
+    if layer_config.activation is None or isinstance(module, nn.Embedding):
+        return None
+    return "dynamic" if layer_config.dynamic else layer_config.calibrator
+
+
+def observed_layers(model: nn.Module) -> list[ObservedLayer]:
+    return [m for m in model.modules() if isinstance(m, ObservedLayer)]
+
+
+def run_model(model: nn.Module, sample: Any) -> Any:
+    """Call the model on one input: a Tensor, a tuple/list of tensors, or a dict of kwargs."""
+    if isinstance(sample, torch.Tensor):
+        return model(sample)
+    if isinstance(sample, (tuple, list)):
+        return model(*sample)
+    if isinstance(sample, dict):
+        return model(**sample)
+    raise CalibrationError(f"a model input must be a Tensor, a tuple of Tensors or a dict of "
+                           f"keyword arguments, got {type(sample).__name__}")
+
+
+def describe_sample(sample: Any) -> str:
+    if isinstance(sample, torch.Tensor):
+        return f"Tensor{tuple(sample.shape)} {sample.dtype}"
+    if isinstance(sample, (tuple, list)):
+        return "(" + ", ".join(describe_sample(s) for s in sample) + ")"
+    if isinstance(sample, dict):
+        return "{" + ", ".join(f"{k}: {describe_sample(v)}" for k, v in sample.items()) + "}"
+    return type(sample).__name__
+
+
+def nonempty(data: Iterable[Any] | None, what: str = "calibration data") -> Iterable[Any]:
+    """`data` unchanged, or an error before anything is done if it holds no sample."""
+    if data is None:
+        raise CalibrationError(f"{what} is required: pass an iterable of model inputs")
+    if isinstance(data, torch.Tensor):
+        raise CalibrationError(f"{what} must be an iterable of model inputs (e.g. a list of "
+                               "batches), not a single Tensor: wrap it as [tensor]")
+    if hasattr(data, "__len__"):
+        if len(data) == 0:
+            raise CalibrationError(f"{what} is empty: pass at least one model input")
+        return data
+    iterator = iter(data)
+    try:
+        first = next(iterator)
+    except StopIteration:
+        raise CalibrationError(f"{what} is empty: pass at least one model input") from None
+    return itertools.chain([first], iterator)
+
+
+def calibrate(model: nn.Module, data: Iterable[Any], progress: bool = True) -> nn.Module:
+    """Run `data` through a prepared model in eval mode; calibrators stream statistics.
+
+    BatchNorm running statistics and dropout are untouched (eval mode, no grad); each
+    module's training flag is restored afterwards.
+    """
+    state = get_state(model)
+    data = nonempty(data)
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    total = len(data) if hasattr(data, "__len__") else None
+    count = 0
+    try:
+        with torch.no_grad():
+            for count, sample in enumerate(tqdm(data, total=total, desc="calibrating",
+                                                unit="batch", disable=not progress), start=1):
+                try:
+                    run_model(model, sample)
+                except QuantwiseError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - translate at the boundary
+                    raise CalibrationError(f"calibration sample {count - 1} "
+                                           f"({describe_sample(sample)}) failed: {exc}") from exc
+    finally:
+        for module, training in modes.items():
+            module.train(training)
+    if count == 0:
+        raise CalibrationError("calibration data is empty: pass at least one model input")
+    state.stage = "calibrated"
+    return model
+
+
+def convert(model: nn.Module) -> nn.Module:
+    """Replace observed layers with QuantizedLayers running real kernels (in place; returned)."""
+    state = get_state(model)
+    tied: dict[int, QuantizedLayer] = {}  # id(float weight) -> first layer quantizing it
+    for obs in observed_layers(model):
+        record = state.records[obs.qname]
+        qlayer = _convert_layer(obs, record, tied)
+        model.set_submodule(obs.qname, qlayer if qlayer is not None else obs.module)
+    state.stage = "converted"
+    return model
+
+
+def _convert_layer(obs: ObservedLayer, record: LayerRecord, tied: dict) -> QuantizedLayer | None:
+    module, cfg = obs.module, obs.layer_config
+    kind = kind_of(module)
+    act_spec = None if kind == "embedding" else cfg.activation
+    input_qparams = None
+    if obs.calibrator is not None:
+        cal = obs.calibrator
+        record.seen, record.nonfinite = int(cal.num_seen), int(cal.num_nonfinite)
+        if obs.calls == 0 or cal.num_seen - cal.num_nonfinite == 0:
+            return _keep_float(record, "no calibration sample reached this layer")
+        act_spec, note = _signed_if_needed(obs, act_spec)
+        input_qparams = qparams_from_range(*obs.calibrator.compute_range(), act_spec)
+        _note(record, note)
+    if cfg.weight is None:
+        return _keep_float(record, "activation-only quantization has no kernel; layer stays float")
+    spec, note = weight_spec_for(module, cfg.weight)
+    _note(record, note)
+    weight = module.weight
+    owner = tied.get(id(weight))
+    if owner is not None and owner.weight_spec == spec and owner.weight_shape == tuple(weight.shape):
+        codes, scale, zp = owner.codes(), owner.weight_scale, owner.zero_points()
+    else:
+        owner = None
+        w = weight.detach().float()
+        scale, zp = qparams_from_range(*tensor_range(w, spec), spec)
+        codes = quantize_tensor(w, scale, zp, spec)
+    bias = getattr(module, "bias", None)
+    layer_args = conv_args(module) if kind in ("conv", "conv_transpose") else {}
+    dynamic = cfg.dynamic and act_spec is not None
+    qlayer = QuantizedLayer(kind, spec, act_spec, dynamic, tuple(weight.shape), tuple(scale.shape),
+                            None if bias is None else bias.numel(), layer_args)
+    qlayer.set_quantized(codes, scale, zp, None if bias is None else bias.detach(), input_qparams)
+    if owner is not None:
+        qlayer.tie_weight(owner)
+        _note(record, f"weight tied to {owner.qname!r}: quantized once, shared")
+    else:
+        tied[id(weight)] = qlayer
+    qlayer.qname = obs.qname
+    record.status = "quantized"
+    record.config = replace(cfg, weight=spec, activation=act_spec,
+                            dynamic=cfg.dynamic and act_spec is not None).describe()
+    record.kernel = qlayer.kernel_name
+    _note(record, qlayer.fallback_reason)
+    return qlayer
+
+
+def _signed_if_needed(obs: ObservedLayer, spec: QuantSpec) -> tuple[QuantSpec, str | None]:
+    """Unsigned symmetric cannot hold negatives: switch to int8 aloud (bad-inputs 12)."""
+    if spec.format.is_signed or not spec.symmetric:
+        return spec, None
+    amin, _ = obs.calibrator.compute_range()
+    if float(amin) >= 0:
+        return spec, None
+    message = (f"layer {obs.qname!r}: input has negative values (min {float(amin):.4g}) but "
+               f"{spec.format.value} symmetric cannot hold them; using int8 symmetric instead")
+    warnings.warn(message, QuantwiseWarning, stacklevel=3)
+    return replace(spec, format="int8"), message
+
+
+def _keep_float(record: LayerRecord, reason: str) -> None:  # returns None: the float layer stays
+    warnings.warn(f"layer {record.name!r} stays float: {reason}", QuantwiseWarning, stacklevel=3)
+    record.status, record.config, record.reason = "float", "fp32", reason
+    return None
+
+
+def _note(record: LayerRecord, note: str | None) -> None:
+    if note:
+        record.reason = note if not record.reason else f"{record.reason}; {note}"
+
+
+def quantize(model: nn.Module, config: "Config | str" = "w8a8", calib_data: Iterable[Any] | None = None,
+             *, progress: bool = True, source: str | None = None) -> nn.Module:
+    """Quantize a copy of `model` with `config` (a Config, preset name or file path).
+
+    `calib_data` is an iterable of model inputs (Tensor, tuple of Tensors, or dict of keyword
+    arguments); it is required when the config has static activations.
+    """
+    config = Config.resolve(config)
+    needs_data = _needs_calibration(model, config)
+    if needs_data:
+        calib_data = nonempty(calib_data)
+    prepared = prepare(model, config, source=source)
+    if needs_data:  # weight-only and dynamic configs have nothing to calibrate
+        calibrate(prepared, calib_data, progress=progress)
+    return convert(prepared)
+
+
+def _needs_calibration(model: nn.Module, config: Config) -> bool:
+    for name, module in model.named_modules():
+        if isinstance(module, SUPPORTED) and kind_of(module) != "embedding":
+            layer_config, _ = config.layer_config(name, type(module).__name__)
+            if layer_config.activation is not None and not layer_config.dynamic:
+                return True
+    return False

@@ -1,0 +1,73 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from quantwise.cli import main
+
+
+def test_default_job_quantizes_digits_and_reports(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["quantize", "--out", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["model"] == "digits" and report["config"] == "w8a8"
+    assert report["before"]["metric"] == "top1"
+    assert report["after"]["quality"] >= report["before"]["quality"] - 0.005
+    assert report["size_ratio"] <= 0.27
+    assert report["before"]["latency_ms"] > 0 and report["after"]["latency_ms"] > 0
+    assert report["layers"]["counts"]["quantized"] == 4
+    assert (out / "model.safetensors").is_file()
+
+
+def test_table_output_and_method(tmp_path, capsys):
+    out = tmp_path / "kl"
+    assert main(["quantize", "digits", "--method", "entropy", "--out", str(out), "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert "entropy" in text and "size on disk" in text and "faster" in text
+
+
+def test_missing_model_path_exit_2_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["quantize", str(tmp_path / "no" / "such-model"), "--out", str(out)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "built-in" in err
+    assert not out.exists()
+
+
+def test_empty_dir_and_bad_config_exit_2(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["quantize", str(empty), "--out", str(tmp_path / "o")]) == 2
+    assert "empty directory" in capsys.readouterr().err
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("preset: w8a8\ndefault:\n  weight: {format: int3}\n")
+    assert main(["quantize", "--config", str(cfg), "--out", str(tmp_path / "o")]) == 2
+    assert "valid formats" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_existing_output_refused_before_work(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    assert main(["quantize", "--out", str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "precious"
+
+
+def test_help_teaches_by_example():
+    result = subprocess.run([sys.executable, "-m", "quantwise.cli", "quantize", "--help"],
+                            capture_output=True, text=True, check=True)
+    assert "examples:" in result.stdout and "quantwise quantize minilm" in result.stdout
+    bad = subprocess.run([sys.executable, "-m", "quantwise.cli", "quantize", "--method", "kl"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "invalid choice" in bad.stderr
+
+
+@pytest.mark.parametrize("calib", ["missing.txt"])
+def test_missing_calibration_data_exit_2(tmp_path, capsys, calib):
+    assert main(["quantize", "--calib", str(tmp_path / calib), "--out", str(tmp_path / "o")]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

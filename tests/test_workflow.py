@@ -1,0 +1,185 @@
+import warnings
+
+import pytest
+import torch
+
+import quantwise
+from quantwise import CalibrationError, Config, QuantwiseWarning, Rule
+from quantwise.evaluate import evaluate
+from quantwise.modules import QuantizedLayer
+from quantwise.state import get_state
+
+
+def _float_kernels(qmodel):
+    return [m.kernel_name for m in qmodel.modules()
+            if isinstance(m, QuantizedLayer) and m.fallback_reason is not None]
+
+
+def test_digits_w8a8_keeps_accuracy(digits):
+    model, calib, images, labels = digits
+    qmodel = quantwise.quantize(model, "w8a8", calib, progress=False)
+    test = [(images, labels)]
+    fp32 = evaluate(model, test, "top1").value
+    int8 = evaluate(qmodel, test, "top1").value
+    assert fp32 >= 0.97
+    assert int8 >= fp32 - 0.005, (fp32, int8)
+    rows = quantwise.summary(qmodel).quantized
+    assert {r.module_type for r in rows} >= {"Conv2d", "Linear"}
+    assert not _float_kernels(qmodel), "a w8a8 layer fell back to float"
+
+
+def test_input_model_untouched_and_bn_statistics_unchanged(tiny):
+    model, data = tiny
+    model.train()  # calibration must switch to eval and restore the mode
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    prepared = quantwise.prepare(model, "w8a8")
+    prepared.train()
+    quantwise.calibrate(prepared, data, progress=False)
+    assert prepared.training and prepared.bn.training  # modes restored
+    assert torch.equal(prepared.bn.running_mean, before["bn.running_mean"])
+    assert prepared.bn.num_batches_tracked == before["bn.num_batches_tracked"]
+    quantwise.convert(prepared)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert not any(isinstance(m, QuantizedLayer) for m in model.modules())
+
+
+def test_unsupported_layers_listed_float_not_crashing(tiny):
+    model, data = tiny
+    qmodel = quantwise.quantize(model, "w8a8", data, progress=False)
+    rows = {r.name: r for r in quantwise.summary(qmodel).rows}
+    assert rows["norm"].status == "float" and "LayerNorm" in rows["norm"].reason
+    assert rows["bn"].status == "float"
+    assert rows["fc1"].status == "quantized" and rows["fc1"].calibrator == "max"
+    text = str(quantwise.summary(qmodel))
+    assert "fc1" in text and "LayerNorm" in text
+    out = qmodel(data[0])
+    ref = model(data[0])
+    assert torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0) > 0.98
+
+
+@pytest.mark.parametrize("data", [[], iter([])])
+def test_empty_calibration_data_errors_before_anything(tiny, data):
+    model, _ = tiny
+    with pytest.raises(CalibrationError, match="empty"):
+        quantwise.quantize(model, "w8a8", data)
+
+
+def test_wrong_shape_and_dtype_name_expected_vs_got(tiny):
+    model, _ = tiny
+    with pytest.raises(CalibrationError, match=r"conv.*expects input \[N, 3"):
+        quantwise.quantize(model, "w8a8", [torch.randn(2, 5, 8, 8)], progress=False)
+    with pytest.raises(CalibrationError, match="floating-point"):
+        quantwise.quantize(model, "w8a8", [torch.ones(2, 3, 8, 8, dtype=torch.int64)], progress=False)
+
+
+def test_nonfinite_activations_counted_excluded_reported():
+    model = torch.nn.Sequential(torch.nn.Linear(6, 4)).eval()
+    x = torch.randn(8, 6)
+    x[0, 0], x[1, 1], x[2, 2] = float("-inf"), float("inf"), float("nan")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", QuantwiseWarning)
+        qmodel = quantwise.quantize(model, "w8a8", [x], progress=False)
+    record = quantwise.summary(qmodel).rows[0]
+    assert record.nonfinite == 3 and record.seen == 48
+    layer = qmodel[0]
+    assert torch.isfinite(layer.input_scale) and layer.input_scale > 0
+    assert "non-finite" in str(quantwise.summary(qmodel))
+
+
+class Branchy(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.used = torch.nn.Linear(4, 4)
+        self.unused = torch.nn.Linear(4, 4)
+
+    def forward(self, x, branch: bool = False):
+        return self.unused(x) if branch else self.used(x)
+
+
+def test_layer_no_sample_reaches_stays_float_with_reason():
+    model = Branchy().eval()
+    with pytest.warns(QuantwiseWarning, match="no calibration sample reached"):
+        qmodel = quantwise.quantize(model, "w8a8", [torch.randn(3, 4)], progress=False)
+    rows = {r.name: r for r in quantwise.summary(qmodel).rows}
+    assert rows["unused"].status == "float" and "no calibration sample" in rows["unused"].reason
+    assert isinstance(qmodel.unused, torch.nn.Linear)
+    assert torch.equal(qmodel(torch.ones(2, 4), branch=True), model(torch.ones(2, 4), branch=True))
+
+
+class TiedLM(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(50, 16)
+        self.head = torch.nn.Linear(16, 50, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids):
+        return self.head(self.embed(ids))
+
+
+def test_tied_weights_quantized_once_and_shared():
+    model = TiedLM().eval()
+    qmodel = quantwise.quantize(model, "w8", None, progress=False)
+    assert qmodel.head.weight is qmodel.embed.weight  # one storage for both
+    assert "tied" in get_state(qmodel).records["head"].reason
+    ids = torch.randint(0, 50, (2, 7))
+    ref = model(ids)
+    assert torch.nn.functional.cosine_similarity(qmodel(ids).flatten(), ref.flatten(), dim=0) > 0.99
+
+
+def test_dict_inputs_and_rules_select_calibrators(tiny):
+    class KwNet(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Linear(8, 8)
+            self.b = torch.nn.Linear(8, 2)
+
+        def forward(self, features, scale=1.0):
+            return self.b(torch.relu(self.a(features))) * scale
+
+    model = KwNet().eval()
+    cfg = Config.preset("w8a8").with_rule(Rule("b", overrides={"calibrator": "entropy"}))
+    data = [{"features": torch.randn(16, 8), "scale": 2.0} for _ in range(3)]
+    qmodel = quantwise.quantize(model, cfg, data, progress=False)
+    rows = {r.name: r for r in quantwise.summary(qmodel).rows}
+    assert rows["a"].calibrator == "max" and rows["b"].calibrator == "entropy"
+    out = qmodel(**data[0])
+    assert out.shape == (16, 2) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("preset", ["w8a8-dynamic", "w8", "w4", "fp16", "bf16"])
+def test_every_preset_runs_and_stays_close(tiny, preset):
+    model, data = tiny
+    qmodel = quantwise.quantize(model, preset, data, progress=False)
+    ref, out = model(data[0]), qmodel(data[0])
+    cos = torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0)
+    assert cos > (0.95 if preset == "w4" else 0.99), (preset, float(cos))
+    assert all(r.status == "quantized" for r in quantwise.summary(qmodel).rows
+               if r.module_type in ("Linear", "Conv2d"))
+
+
+def test_conv_variants_get_the_right_axis_and_scale_count():
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(4, 8, 3, padding=1, groups=2),
+        torch.nn.Conv2d(8, 8, 3, padding=1, groups=8),        # depthwise
+        torch.nn.ConvTranspose2d(8, 6, 2, stride=2),
+    ).eval()
+    data = [torch.randn(2, 4, 6, 6) for _ in range(2)]
+    qmodel = quantwise.quantize(model, "w8a8", data, progress=False)
+    assert qmodel[0].weight_scale.shape == (8,)
+    assert qmodel[1].weight_scale.shape == (8,)
+    assert qmodel[2].weight_scale.shape == (6,)  # ConvTranspose: output channels on axis 1
+    ref, out = model(data[0]), qmodel(data[0])
+    assert out.shape == ref.shape
+    assert torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0) > 0.99
+
+
+def test_conv1d_quantized():
+    model = torch.nn.Sequential(torch.nn.Conv1d(3, 6, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.Conv1d(6, 4, 1)).eval()
+    data = [torch.randn(2, 3, 20) for _ in range(2)]
+    qmodel = quantwise.quantize(model, "w8a8", data, progress=False)
+    assert [r.status for r in quantwise.summary(qmodel).rows] == ["quantized", "quantized"]
+    ref, out = model(data[0]), qmodel(data[0])
+    assert torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0) > 0.99
