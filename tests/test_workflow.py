@@ -183,3 +183,49 @@ def test_conv1d_quantized():
     assert [r.status for r in quantwise.summary(qmodel).rows] == ["quantized", "quantized"]
     ref, out = model(data[0]), qmodel(data[0])
     assert torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0) > 0.99
+
+
+def test_unsigned_symmetric_on_negative_inputs_switches_to_signed_aloud():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3)).eval()
+    cfg = Config.from_dict({"default": {"weight": {"format": "int8", "granularity": "per_channel"},
+                                        "activation": {"format": "uint8", "symmetric": True}}})
+    data = [-torch.rand(8, 4) - 0.5]  # all negative
+    with pytest.warns(QuantwiseWarning, match="using int8 symmetric"):
+        qmodel = quantwise.quantize(model, cfg, data, progress=False)
+    record = quantwise.summary(qmodel).rows[0]
+    assert "a int8" in record.config and "int8 symmetric" in record.reason
+    out, ref = qmodel(data[0]), model(data[0])
+    assert (out - ref).abs().max() < 0.05  # not clamped to zero
+
+
+def test_denormal_weights_give_finite_outputs():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3)).eval()
+    with torch.no_grad():
+        model[0].weight.fill_(1e-40)
+        model[0].weight[0].zero_()
+    qmodel = quantwise.quantize(model, "w8a8", [torch.randn(5, 4)], progress=False)
+    assert torch.isfinite(qmodel[0].weight_scale).all() and (qmodel[0].weight_scale > 0).all()
+    out = qmodel(torch.randn(5, 4))
+    assert torch.isfinite(out).all()
+    assert torch.allclose(out, model[0].bias.detach().expand_as(out), atol=1e-6)  # weights ~ 0
+
+
+def test_fp8_is_simulated_and_says_so():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4)).eval()
+    cfg = Config.from_dict({"default": {"weight": {"format": "fp8_e4m3"}}})
+    qmodel = quantwise.quantize(model, cfg, None, progress=False)
+    record = quantwise.summary(qmodel).rows[0]
+    assert record.status == "quantized" and record.reason and "fp8" in record.reason
+    x = torch.randn(3, 8)
+    rel = (qmodel(x) - model(x)).norm() / model(x).norm()
+    assert rel < 0.1
+
+
+def test_weight_nan_layer_stays_float_with_reason():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2)).eval()
+    with torch.no_grad():
+        model[1].weight[0, 0] = float("nan")
+    qmodel = quantwise.quantize(model, "w8a8", [torch.randn(3, 4)], progress=False)
+    rows = {r.name: r for r in quantwise.summary(qmodel).rows}
+    assert rows["0"].status == "quantized"
+    assert rows["1"].status == "float" and "NaN" in rows["1"].reason
