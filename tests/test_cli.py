@@ -24,7 +24,8 @@ def test_table_output_and_method(tmp_path, capsys):
     out = tmp_path / "kl"
     assert main(["quantize", "digits", "--method", "entropy", "--out", str(out), "--quiet"]) == 0
     text = capsys.readouterr().out
-    assert "entropy" in text and "size on disk" in text and "faster" in text
+    assert "entropy" in text and "size on disk" in text
+    assert "x faster" in text or "x slower" in text
 
 
 def test_missing_model_path_exit_2_writes_nothing(tmp_path, capsys):

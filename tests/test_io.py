@@ -99,7 +99,7 @@ def test_wrong_model_lists_the_problem(tmp_path, qdigits):
     _, qmodel, _ = qdigits
     folder = quantwise.save(qmodel, tmp_path / "q")
     other = torch.nn.Sequential(torch.nn.Linear(3, 3))
-    with pytest.raises(CheckpointError, match="does not exist in the given model"):
+    with pytest.raises(CheckpointError, match="from the given model|in the given model"):
         quantwise.load(folder, model=other)
 
 

@@ -1,3 +1,4 @@
+import copy
 import warnings
 
 import pytest
@@ -32,7 +33,9 @@ def test_input_model_untouched_and_bn_statistics_unchanged(tiny):
     model, data = tiny
     model.train()  # calibration must switch to eval and restore the mode
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    prepared = quantwise.prepare(model, "w8a8")
+    config = Config.preset("w8a8")
+    config.exclude.append("conv")  # keeps the BatchNorm unfolded, so its statistics can be checked
+    prepared = quantwise.prepare(model, config)
     prepared.train()
     quantwise.calibrate(prepared, data, progress=False)
     assert prepared.training and prepared.bn.training  # modes restored
@@ -49,7 +52,8 @@ def test_unsupported_layers_listed_float_not_crashing(tiny):
     qmodel = quantwise.quantize(model, "w8a8", data, progress=False)
     rows = {r.name: r for r in quantwise.summary(qmodel).rows}
     assert rows["norm"].status == "float" and "LayerNorm" in rows["norm"].reason
-    assert rows["bn"].status == "float"
+    assert rows["bn"].status == "folded" and "conv" in rows["bn"].reason
+    assert isinstance(qmodel.bn, torch.nn.Identity)
     assert rows["fc1"].status == "quantized" and rows["fc1"].calibrator == "max"
     text = str(quantwise.summary(qmodel))
     assert "fc1" in text and "LayerNorm" in text
@@ -229,3 +233,35 @@ def test_weight_nan_layer_stays_float_with_reason():
     rows = {r.name: r for r in quantwise.summary(qmodel).rows}
     assert rows["0"].status == "quantized"
     assert rows["1"].status == "float" and "NaN" in rows["1"].reason
+
+
+def test_batchnorm_folding_is_exact_in_float(tiny):
+    from quantwise.fold import find_conv_bn_pairs, fold_conv_bn
+
+    model, data = tiny
+    with torch.no_grad():  # non-trivial statistics
+        model.bn.running_mean.uniform_(-1, 1)
+        model.bn.running_var.uniform_(0.5, 2)
+        model.bn.weight.uniform_(0.5, 1.5)
+    folded = copy.deepcopy(model)
+    pairs = find_conv_bn_pairs(folded)
+    assert pairs == [("conv", "bn")]
+    fold_conv_bn(folded, pairs)
+    assert isinstance(folded.bn, torch.nn.Identity) and folded.conv.bias is not None
+    torch.testing.assert_close(folded(data[0]), model(data[0]), rtol=1e-5, atol=1e-5)
+
+
+def test_sequential_fallback_when_tracing_fails():
+    from quantwise.fold import find_conv_bn_pairs
+
+    class Untraceable(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2))
+
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent control flow: torch.fx cannot trace it
+                return self.body(x)
+            return self.body(-x)
+
+    assert find_conv_bn_pairs(Untraceable()) == [("body.0", "body.1")]

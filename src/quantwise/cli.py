@@ -65,13 +65,17 @@ def _format_report(report) -> str:
     rows = [("", "size on disk", "latency (median)", b.quality.metric),
             ("fp32", f"{b.size_bytes / 1e6:.3f} MB", f"{b.latency_ms:.2f} ms", _quality(b.quality)),
             (a.name, f"{a.size_bytes / 1e6:.3f} MB", f"{a.latency_ms:.2f} ms", _quality(a.quality)),
-            ("ratio", f"{a.size_bytes / b.size_bytes:.3f}x", f"{b.latency_ms / a.latency_ms:.2f}x faster",
+            ("ratio", f"{a.size_bytes / b.size_bytes:.3f}x", _speed(b.latency_ms / a.latency_ms),
              f"{a.quality.value - b.quality.value:+.4f}" if higher_better else "")]
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return (f"\n{report.layers}\n\nmodel {report.model}, config {report.config}, "
             f"{report.threads} threads, saved to {report.out}\n" + "\n".join(lines))
+
+
+def _speed(speedup: float) -> str:
+    return f"{speedup:.2f}x faster" if speedup >= 1 else f"{1 / speedup:.2f}x slower"
 
 
 def _quality(result) -> str:

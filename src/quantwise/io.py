@@ -26,6 +26,7 @@ from quantwise._version import __version__
 from quantwise.config import Config
 from quantwise.errors import CheckpointError, OutputPathError
 from quantwise.fileio import atomic_write_text
+from quantwise.fold import fold_conv_bn
 from quantwise.models.registry import load_model
 from quantwise.modules import QuantizedLayer
 from quantwise.state import LayerRecord, QuantState, get_state, set_state
@@ -107,6 +108,7 @@ def _metadata(model: nn.Module, state: QuantState) -> dict[str, Any]:
             "python": platform.python_version(),
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "source": state.source, "config": state.config.to_dict(), "layers": layers,
+            "folded": [list(pair) for pair in state.folded],
             "records": [r.to_dict() for r in state.records.values()]}
 
 
@@ -141,6 +143,12 @@ def load(folder: str | Path, model: nn.Module | None = None) -> nn.Module:
     if model is None:
         model = _model_from_source(meta.get("source"))
     qmodel = copy.deepcopy(model)
+    folded = [tuple(pair) for pair in meta.get("folded", [])]
+    try:
+        fold_conv_bn(qmodel, folded)  # the same structure as at save time (convs gain a bias)
+    except AttributeError as exc:
+        raise CheckpointError(f"a folded layer of the checkpoint is missing from the given model "
+                              f"({exc}): pass the float model the checkpoint was made from") from None
     layers: dict[str, QuantizedLayer] = {}
     for name, layer_meta in meta["layers"].items():
         try:
@@ -160,7 +168,7 @@ def load(folder: str | Path, model: nn.Module | None = None) -> nn.Module:
         layer.build_kernel()
     records = {r["name"]: LayerRecord(**r) for r in meta["records"]}
     set_state(qmodel, QuantState(Config.from_dict(meta["config"]), records, meta.get("source"),
-                                 stage="converted"))
+                                 stage="converted", folded=folded))
     return qmodel.eval()
 
 

@@ -19,7 +19,7 @@ class LayerRecord:
 
     name: str
     module_type: str
-    status: str = "float"          # "quantized" or "float"
+    status: str = "float"          # "quantized", "float" or "folded" (into the layer before)
     config: str = "fp32"           # LayerConfig.describe() of what runs
     origin: str = "default"        # which part of the Config chose it
     calibrator: str | None = None
@@ -38,6 +38,7 @@ class QuantState:
     records: dict[str, LayerRecord] = field(default_factory=dict)
     source: str | None = None       # how to rebuild the float model: built-in name, folder, module:fn
     stage: str = "prepared"         # "prepared", "calibrated", "converted"
+    folded: list[tuple[str, str]] = field(default_factory=list)  # (conv, batchnorm) pairs
 
 
 def get_state(model: nn.Module) -> QuantState:

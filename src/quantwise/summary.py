@@ -24,7 +24,8 @@ class Summary:
 
     def to_dict(self) -> dict:
         return {"layers": [r.to_dict() for r in self.rows],
-                "counts": {"quantized": len(self.quantized), "float": len(self.float_layers)}}
+                "counts": {"quantized": len(self.quantized), "float": len(self.float_layers),
+                           "folded": sum(r.status == "folded" for r in self.rows)}}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -40,7 +41,9 @@ class Summary:
             lines.append("  ".join(cells).rstrip())
             if i == 0:
                 lines.append("  ".join("-" * w for w in widths) + "  ----")
-        lines.append(f"{len(self.quantized)} layers quantized, {len(self.float_layers)} kept float")
+        folded = len(self.rows) - len(self.quantized) - len(self.float_layers)
+        lines.append(f"{len(self.quantized)} layers quantized, {len(self.float_layers)} kept float"
+                     + (f", {folded} BatchNorm folded" if folded else ""))
         return "\n".join(lines)
 
 

@@ -23,6 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from quantwise.config import Config
+from quantwise.fold import find_conv_bn_pairs, fold_conv_bn
 from quantwise.errors import CalibrationError, QuantwiseError, QuantwiseWarning
 from quantwise.modules import ObservedLayer, QuantizedLayer, SUPPORTED, kind_of, unsupported_reason
 from quantwise.modules import weight_spec_for
@@ -37,6 +38,7 @@ def prepare(model: nn.Module, config: "Config | str", source: str | None = None)
     config = Config.resolve(config)
     prepared = copy.deepcopy(model)
     state = QuantState(config=config, source=source)
+    state.folded = _fold_batchnorms(prepared, config, state)
     supported_children: set[str] = set()
     for name, module in list(prepared.named_modules()):
         if not name or any(name.startswith(p + ".") for p in supported_children):
@@ -53,10 +55,29 @@ def prepare(model: nn.Module, config: "Config | str", source: str | None = None)
             prepared.set_submodule(name, ObservedLayer(module, name, layer_config, origin))
             state.records[name] = LayerRecord(name, type_name, config=layer_config.describe(),
                                               origin=origin, calibrator=_calibrator_name(layer_config, module))
-        elif any(True for _ in module.parameters(recurse=False)):
+        elif any(True for _ in module.parameters(recurse=False)) and name not in state.records:
             state.records[name] = LayerRecord(name, type_name, reason=unsupported_reason(module))
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}  # rows in model order
+    state.records = dict(sorted(state.records.items(), key=lambda item: order.get(item[0], 0)))
     set_state(prepared, state)
     return prepared
+
+
+def _fold_batchnorms(model: nn.Module, config: Config, state: QuantState) -> list[tuple[str, str]]:
+    """Fold BatchNorm into each conv that will be quantized; record both sides of each fold."""
+    pairs = []
+    for conv_name, bn_name in find_conv_bn_pairs(model):
+        conv = model.get_submodule(conv_name)
+        layer_config, _ = config.layer_config(conv_name, type(conv).__name__)
+        if layer_config.is_float or unsupported_reason(conv):
+            continue
+        bn = model.get_submodule(bn_name)
+        state.records[bn_name] = LayerRecord(bn_name, type(bn).__name__, status="folded", config="-",
+                                             kernel=f"folded into {conv_name}",
+                                             reason=f"BatchNorm folded into {conv_name}'s weights")
+        pairs.append((conv_name, bn_name))
+    fold_conv_bn(model, pairs)
+    return pairs
 
 
 def _calibrator_name(layer_config, module: nn.Module) -> str | None:
@@ -149,6 +170,8 @@ def convert(model: nn.Module) -> nn.Module:
     for obs in observed_layers(model):
         record = state.records[obs.qname]
         qlayer = _convert_layer(obs, record, tied)
+        folded = [bn for conv, bn in state.folded if conv == obs.qname]
+        _note(record, f"{folded[0]} folded in" if folded else None)
         model.set_submodule(obs.qname, qlayer if qlayer is not None else obs.module)
     state.stage = "converted"
     return model
