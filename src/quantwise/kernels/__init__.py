@@ -1,0 +1,213 @@
+"""Real low-precision CPU kernels for quantized Linear and Conv layers, and their dispatch.
+
+`make_linear_kernel` / `make_conv_kernel` pick what actually runs for a weight spec and an
+activation descriptor; every kernel says what runs in `name`, and `fallback_reason` is None only
+when a low-precision kernel does the arithmetic. Choices (measured with
+benchmarks/kernels_micro.py; the reasons are in each module's docstring):
+
+| case                                             | kernel (module)                           |
+|--------------------------------------------------|-------------------------------------------|
+| Linear, static int8/uint8 input, symmetric W     | oneDNN qlinear_pointwise (int8_linear)    |
+| Linear, dynamic per-tensor input, symmetric W    | oneDNN qlinear_pointwise (int8_linear)    |
+| Linear, dynamic per-token input, or affine W     | torch._int_mm + corrections (int8_linear) |
+| Linear, weight-only 8-bit per-channel            | fp16-exact codes, FBGEMM (weight_only)    |
+| Linear, weight-only int4 / 8-bit per-group       | packed, dequant per call (flagged)        |
+| Linear/Conv bf16, Linear fp16                    | oneDNN bf16 / FBGEMM fp16 (half)          |
+| Conv fp16                                        | fp16 held, fp32 conv (half; flagged)      |
+| Conv1d/2d/3d, static or dynamic per-tensor input | oneDNN qconv_pointwise (int8_conv)        |
+| ConvTranspose1d/2d/3d, same inputs               | sub-pixel oneDNN qconvs (int8_conv)       |
+| fp8, fp32, weight-only int conv, per-group W8A8, | float simulation (fallback)               |
+| affine/per-token-conv dynamic inputs, rejections |                                           |
+
+Example:
+    >>> import torch
+    >>> from quantwise import numerics
+    >>> from quantwise.spec import Format, PerChannel, PerToken, QuantSpec
+    >>> spec = QuantSpec(Format.INT8, granularity=PerChannel(0))
+    >>> w = torch.randn(16, 32)
+    >>> scale, zp = numerics.qparams_from_range(*numerics.tensor_range(w, spec), spec)
+    >>> kernel = make_linear_kernel(numerics.quantize(w, scale, zp, spec), scale, zp, spec,
+    ...                             None, DynamicAct(QuantSpec(granularity=PerToken())))
+    >>> kernel(torch.randn(4, 32)).shape, kernel.fallback_reason
+    (torch.Size([4, 16]), None)
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from quantwise.errors import ConfigError
+from quantwise.kernels.base import (Act, ConvGeom, DynamicAct, Kernel, StaticAct,
+                                    dynamic_act_problem, out_channel_params, static_act_problem)
+from quantwise.kernels.fallback import FallbackConv, FallbackLinear
+from quantwise.kernels.half import Bf16Conv, Bf16Linear, Fp16Conv, Fp16Linear
+from quantwise.kernels.int8_conv import OneDnnConv
+from quantwise.kernels.int8_linear import IntMMLinear, OneDnnLinear
+from quantwise.kernels.weight_only import Fp16CodesLinear, PackedDequantLinear
+from quantwise.spec import Format, PerToken, QuantSpec
+
+__all__ = ["StaticAct", "DynamicAct", "Kernel", "make_linear_kernel", "make_conv_kernel",
+           "ConvGeom"]
+
+_FP8 = (Format.FP8_E4M3, Format.FP8_E5M2)
+_INT = (Format.INT8, Format.UINT8, Format.INT4, Format.UINT4)
+
+
+class _Fallback(Exception):
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _float_format_reason(fmt: Format, act: Act) -> Optional[str]:
+    if fmt == Format.FP32:
+        return "fp32 weights are not quantized; runs as float32"
+    if fmt in _FP8:
+        return f"{fmt.value} has no CPU kernel; runs as float32 simulation"
+    if act is not None:
+        return (f"{fmt.value} weights combined with quantized activations have no CPU kernel; "
+                f"runs as float32 simulation")
+    return None
+
+
+def _act_reason(act: Act, allow_per_token: bool) -> Optional[str]:
+    if isinstance(act, StaticAct):
+        return static_act_problem(act)
+    if isinstance(act, DynamicAct):
+        return dynamic_act_problem(act, allow_per_token)
+    raise ConfigError(f"act must be StaticAct, DynamicAct or None, got {type(act).__name__}")
+
+
+def _params(scale, zero_point) -> tuple[torch.Tensor, torch.Tensor]:
+    """Detached float32 scale and int32 zero point (None allowed: 1 and 0)."""
+    scale = torch.ones(()) if scale is None else torch.as_tensor(scale).detach().to(torch.float32)
+    if zero_point is None:
+        return scale, torch.zeros(scale.shape, dtype=torch.int32)
+    return scale, torch.as_tensor(zero_point).detach().to(torch.int32)
+
+
+def _codes(weight_codes: torch.Tensor, fmt: Format) -> torch.Tensor:
+    dtype = torch.int8 if fmt.is_signed else torch.uint8
+    return weight_codes.detach().to(dtype)
+
+
+def make_linear_kernel(weight_codes: torch.Tensor, weight_scale: torch.Tensor,
+                       weight_zero_point: torch.Tensor, weight_spec: QuantSpec,
+                       bias: Optional[torch.Tensor], act: Act) -> Kernel:
+    """The fastest correct kernel for y = x @ dequantize(W)^T + bias with `act` applied to x."""
+    fmt = weight_spec.format
+    weight_scale, weight_zero_point = _params(weight_scale, weight_zero_point)
+    if weight_codes.dim() != 2:
+        raise ConfigError(f"Linear weight codes must be 2-D [N, K], "
+                          f"got shape {tuple(weight_codes.shape)}")
+    try:
+        reason = _float_format_reason(fmt, act) if not fmt.is_integer else None
+        if reason:
+            raise _Fallback(reason)
+        if fmt == Format.BF16:
+            return Bf16Linear(weight_codes, bias)
+        if fmt == Format.FP16:
+            return Fp16Linear(weight_codes, bias)
+        codes = _codes(weight_codes, fmt)
+        n, k = codes.shape
+        per_out = out_channel_params(weight_spec, weight_scale, weight_zero_point, n, 0, 2)
+        label = fmt.value
+        if act is None:
+            if per_out is not None and fmt in (Format.INT8, Format.UINT8):
+                return Fp16CodesLinear(codes, *per_out, bias, weight_label=label)
+            why = ("no int4 CPU GEMM matches float32 numerics at useful speed (measured: "
+                   "_weight_int4pack_mm_for_cpu fp32 5-80x slower than fp32, bf16 input outside "
+                   "tolerance); codes stay packed and are dequantized per call"
+                   if fmt in (Format.INT4, Format.UINT4) else
+                   "per-group 8-bit weights have no CPU GEMM; codes are dequantized per call")
+            return PackedDequantLinear(codes, weight_scale, weight_zero_point, weight_spec, bias,
+                                       why)
+        reason = _act_reason(act, allow_per_token=True)
+        if reason:
+            raise _Fallback(reason)
+        if per_out is None:
+            raise _Fallback(f"{type(weight_spec.granularity).__name__} weight scales vary along K, "
+                            f"so no single integer GEMM applies; runs as float32 simulation")
+        w_scale, w_zp = per_out
+        symmetric_s8 = codes.dtype == torch.int8 and not bool(w_zp.any())
+        per_token = isinstance(act, DynamicAct) and isinstance(act.spec.granularity, PerToken)
+        if symmetric_s8 and not per_token:
+            kernel = OneDnnLinear(codes, w_scale, bias, act, weight_label=label)
+        else:
+            kernel = IntMMLinear(codes, w_scale, w_zp, bias, act, weight_label=label)
+        kernel(torch.zeros(1, k))  # probe: a shape the op rejects falls back here, not later
+        return kernel
+    except _Fallback as fb:
+        return FallbackLinear(weight_codes, weight_scale, weight_zero_point, weight_spec, bias,
+                              act, fb.reason)
+    except RuntimeError as exc:  # an op rejected this shape/layout at construction
+        return FallbackLinear(weight_codes, weight_scale, weight_zero_point, weight_spec, bias, act,
+                              f"the low-precision kernel rejected this layer at construction "
+                              f"({str(exc).splitlines()[0][:200]}); runs as float32 simulation")
+
+
+def _conv_probe(weight_codes: torch.Tensor, geom: ConvGeom, pad: tuple) -> torch.Tensor:
+    """Smallest valid input, run once at construction so rejections fall back early."""
+    k = weight_codes.shape[2:]
+    if geom.transposed:
+        cin, size = weight_codes.shape[0], [2 * p + 1 for p in pad]
+    else:
+        cin = weight_codes.shape[1] * geom.groups
+        size = [max(1, d * (kk - 1) + 1 - 2 * p) for kk, d, p in zip(k, geom.dilation, pad)]
+    return torch.zeros(1, cin, *size)
+
+
+def make_conv_kernel(weight_codes: torch.Tensor, weight_scale: torch.Tensor,
+                     weight_zero_point: torch.Tensor, weight_spec: QuantSpec,
+                     bias: Optional[torch.Tensor], act: Act, *, stride, padding, dilation, groups,
+                     transposed: bool = False, output_padding=(0, 0)) -> Kernel:
+    """The fastest correct kernel for a (transposed) conv1d/2d/3d with quantized weights."""
+    dim = weight_codes.dim() - 2
+    if dim not in (1, 2, 3):
+        raise ConfigError(f"conv weight codes must be 3-D to 5-D, "
+                          f"got shape {tuple(weight_codes.shape)}")
+    geom = ConvGeom.make(dim, stride, padding, dilation, groups, transposed, output_padding)
+    fmt = weight_spec.format
+    weight_scale, weight_zero_point = _params(weight_scale, weight_zero_point)
+    try:
+        reason = _float_format_reason(fmt, act) if not fmt.is_integer else None
+        if reason:
+            raise _Fallback(reason)
+        if fmt == Format.BF16:
+            return Bf16Conv(weight_codes, bias, geom)
+        if fmt == Format.FP16:
+            return Fp16Conv(weight_codes, bias, geom)
+        if act is None:
+            raise _Fallback(f"weight-only {fmt.value} convolution has no CPU kernel; weights are "
+                            f"dequantized once and the conv runs in float32")
+        reason = _act_reason(act, allow_per_token=False)
+        if reason:
+            raise _Fallback(reason)
+        axis = 1 if transposed else 0
+        n_out = weight_codes.shape[axis]
+        per_out = out_channel_params(weight_spec, weight_scale, weight_zero_point, n_out, axis,
+                                     weight_codes.dim())
+        if per_out is None:
+            raise _Fallback(f"{type(weight_spec.granularity).__name__} conv weight scales are not "
+                            f"one per output channel; runs as float32 simulation")
+        w_scale, w_zp = per_out
+        if not fmt.is_signed or bool(w_zp.any()):
+            raise _Fallback("oneDNN int8 conv needs symmetric signed weights (zero point 0); "
+                            "runs as float32 simulation")
+        pad = geom.explicit_padding(tuple(weight_codes.shape[2:]))
+        if pad is None:
+            raise _Fallback("padding='same' with an even kernel needs asymmetric padding, which "
+                            "oneDNN qconv does not take; runs as float32 simulation")
+        kernel = OneDnnConv(_codes(weight_codes, fmt), w_scale, bias, act, geom, pad,
+                            weight_label=fmt.value)
+        kernel(_conv_probe(weight_codes, geom, pad))
+        return kernel
+    except _Fallback as fb:
+        return FallbackConv(weight_codes, weight_scale, weight_zero_point, weight_spec, bias, act,
+                            geom, fb.reason)
+    except RuntimeError as exc:
+        return FallbackConv(weight_codes, weight_scale, weight_zero_point, weight_spec, bias, act,
+                            geom, f"the low-precision kernel rejected this layer at construction "
+                                  f"({str(exc).splitlines()[0][:200]}); runs as float32 simulation")

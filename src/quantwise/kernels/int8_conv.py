@@ -1,0 +1,176 @@
+"""W8A8 convolution via oneDNN `qconv{1,2,3}d_pointwise` (u8 activations x s8 symmetric weights
+-> s32, rescale and bias fused, float32 out). Weights are prepacked once at construction.
+
+Two oneDNN defects found by randomized tests here (torch 2.13, oneDNN 3.12) are avoided:
+- with implicit padding, tiny inputs whose padding exceeds the kernel reach crash (SIGSEGV) or
+  give wrong values; so padding is never passed to oneDNN: the uint8 codes are written straight
+  into a buffer pre-filled with the input zero point (the code of 0.0, exactly what the float
+  conv pads with), which costs one byte-sized fill pass;
+- groups with ONE input channel and several output channels (e.g. a grayscale stem) give wrong
+  values when an output dimension is 1 under stride > 1; such layers get a second, all-zero-
+  weight input channel per group (zero-point codes in the data), which changes no sum.
+
+ConvTranspose: torch exposes oneDNN's int8 deconvolution only as `quantized::conv_transpose2d`,
+which requantizes its output to uint8 and so cannot match the simulation. A transposed conv with
+stride s runs as s^d direct int8 convs (sub-pixel decomposition): output phase r of a dimension
+only receives the taps t with (r + padding - t * dilation) divisible by s, and those taps,
+reversed, form an ordinary stride-1 (dilated) conv over the input. Each phase is its own
+prepacked conv written into y[..., r::s]; every tap belongs to exactly one phase, so no MAC is
+wasted and the integer sums stay exact. Phases that no tap reaches get the bias alone.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Optional
+
+import torch
+
+from quantwise.kernels.base import (ConvGeom, StaticAct, StaticU8Quantizer,
+                                    dynamic_scale_per_tensor, tensor_bytes)
+
+_OPS = {1: "qconv1d_pointwise", 2: "qconv2d_pointwise", 3: "qconv3d_pointwise"}
+
+
+def _phase_plan(k: int, s: int, d: int, p: int, op: int) -> list[dict]:
+    """Per output phase r of one dimension: taps (descending), dilation, padding, crop start."""
+    plan = []
+    c = d * (k - 1) - 2 * p + op + 1  # L_out = (n - 1) * s + c
+    dil = d // math.gcd(s, d)
+    for r in range(s):
+        taps = [t for t in range(k - 1, -1, -1) if (r + p - t * d) % s == 0]
+        if not taps:
+            plan.append({"r": r, "taps": taps})
+            continue
+        e_min = (r + p - taps[0] * d) // s  # input offset of the first (largest) tap
+        extra = -((r - c) // s) - 1  # (number of outputs of this phase) - n, independent of n
+        pad = max(0, -e_min, extra + e_min + dil * (len(taps) - 1))
+        plan.append({"r": r, "taps": taps, "dil": dil, "pad": pad, "start": e_min + pad})
+    return plan
+
+
+class OneDnnConv:
+    def __init__(self, codes: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor],
+                 act, geom: ConvGeom, padding: tuple, weight_label: str = "int8"):
+        self.geom, self.dim, self.padding = geom, geom.dim, tuple(padding)
+        codes = codes.to(torch.int8)
+        self.weight_numel = codes.numel()
+        self.static = isinstance(act, StaticAct)
+        if self.static:
+            self.quant = StaticU8Quantizer(act)
+            xs, xzp = self.quant.scale, self.quant.zero_point
+        else:
+            self.qmax = act.spec.qmax
+            xs, xzp = 1.0, 128
+        self.bias = None if bias is None else bias.detach().to(torch.float32).contiguous()
+        self.op = getattr(torch.ops.onednn, _OPS[self.dim])
+        g = geom.groups
+        if geom.transposed:  # [Cin, Cout/g, *k] -> [Cout, Cin/g, *k]; scales repeat per group
+            cin, cout_g, k = codes.shape[0], codes.shape[1], codes.shape[2:]
+            codes = codes.reshape(g, cin // g, cout_g, *k).transpose(1, 2)
+            codes = codes.reshape(g * cout_g, cin // g, *k)
+            w_scale = w_scale.repeat(g)
+        self.kernel_size = codes.shape[2:]
+        self.out_channels = codes.shape[0]
+        self.w_scale = w_scale.to(torch.float32).contiguous()
+        self.w_zero_point = torch.zeros(self.out_channels, dtype=torch.int64)
+        self.widen = codes.shape[1] == 1 and self.out_channels > g  # see module docstring
+        if self.widen:
+            codes = torch.cat([codes, torch.zeros_like(codes)], dim=1)
+
+        def prepack(w, stride, dil):
+            return torch.ops.onednn.qconv_prepack(w.contiguous(), self.w_scale, xs, xzp,
+                                                  list(stride), [0] * self.dim, list(dil), g, None)
+        if not geom.transposed:
+            self.phases = [{"packed": prepack(codes, geom.stride, geom.dilation), "pad": padding,
+                            "stride": list(geom.stride), "dil": list(geom.dilation)}]
+            kind = f"conv{self.dim}d"
+        else:
+            plans = [_phase_plan(*a) for a in zip(self.kernel_size, geom.stride, geom.dilation,
+                                                  padding, geom.output_padding)]
+            self.phases = []
+            for combo in itertools.product(*plans):
+                phase = {"r": [c["r"] for c in combo], "packed": None}
+                if all(c["taps"] for c in combo):
+                    sub = codes
+                    for axis, c in enumerate(combo):
+                        sub = sub.index_select(2 + axis, torch.tensor(c["taps"]))
+                    dil = [c["dil"] for c in combo]
+                    phase.update(pad=[c["pad"] for c in combo], start=[c["start"] for c in combo],
+                                 stride=[1] * self.dim, dil=dil,
+                                 packed=prepack(sub, [1] * self.dim, dil))
+                self.phases.append(phase)
+            kind = f"transposed conv{self.dim}d as {len(self.phases)} sub-pixel phase convs"
+        live = [ph["pad"] for ph in self.phases if ph["packed"] is not None]
+        self.in_pad = [max([p[i] for p in live] or [0]) for i in range(self.dim)]
+        per = "static per-tensor" if self.static else "dynamic per-tensor int8"
+        self.name = (f"{weight_label} weights x uint8 activations -> int32, oneDNN "
+                     f"{_OPS[self.dim]} ({kind}; prepacked; rescale+bias fused; {per} activations)")
+        self.fallback_reason = None
+
+    def _input(self, x: torch.Tensor):
+        """uint8 codes of x in a zero-point-filled, padded (and maybe widened) buffer."""
+        if self.static:
+            t = self.quant.float_codes(x)
+            xs, xzp = self.quant.scale, self.quant.zero_point
+        else:
+            s = dynamic_scale_per_tensor(x, self.qmax)
+            t = torch.div(x, s).round_().add_(128)
+            xs, xzp = float(s), 128
+        b, c, sizes = t.shape[0], t.shape[1], t.shape[2:]
+        fmt = torch.channels_last if self.dim == 2 else torch.contiguous_format
+        shape = (b, 2 * c if self.widen else c, *[n + 2 * p for n, p in zip(sizes, self.in_pad)])
+        buf = torch.empty(shape, dtype=torch.uint8, memory_format=fmt)
+        if any(self.in_pad) or self.widen:
+            buf.fill_(xzp)
+        inner = (slice(None), slice(0, None, 2) if self.widen else slice(None),
+                 *[slice(p, p + n) for n, p in zip(sizes, self.in_pad)])
+        buf[inner] = t  # conversion, layout change and placement in one pass
+        return buf, xs, xzp, sizes
+
+    def _conv(self, buf, xs, xzp, phase, sizes):
+        view = (slice(None), slice(None),
+                *[slice(m - p, m + p + n) for m, p, n in zip(self.in_pad, phase["pad"], sizes)])
+        return self.op(buf[view], xs, xzp, phase["packed"], self.w_scale, self.w_zero_point,
+                       self.bias, phase["stride"], [0] * self.dim, phase["dil"], self.geom.groups,
+                       1.0, 0, torch.float32, "none", [], "")
+
+    def _transposed(self, buf, xs, xzp, sizes_in):
+        g = self.geom
+        sizes = [(n - 1) * s + d * (k - 1) - 2 * p + op + 1 for n, s, d, k, p, op in
+                 zip(sizes_in, g.stride, g.dilation, self.kernel_size, self.padding,
+                     g.output_padding)]
+        fmt = torch.channels_last if self.dim == 2 else torch.contiguous_format
+        y = torch.empty(buf.shape[0], self.out_channels, *sizes, memory_format=fmt)
+        for phase in self.phases:
+            counts = [len(range(r, size, s)) for r, size, s in zip(phase["r"], sizes, g.stride)]
+            if min(counts) <= 0:
+                continue
+            dst = (slice(None), slice(None),
+                   *[slice(r, None, s) for r, s in zip(phase["r"], g.stride)])
+            if phase["packed"] is None:  # no tap lands on this phase: bias only
+                y[dst] = 0.0 if self.bias is None else self.bias.reshape(-1, *[1] * self.dim)
+                continue
+            z = self._conv(buf, xs, xzp, phase, sizes_in)
+            y[dst] = z[(slice(None), slice(None),
+                        *[slice(a, a + c) for a, c in zip(phase["start"], counts)])]
+        return y
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.float32:
+            x = x.float()
+        unbatched = x.dim() == self.dim + 1
+        if unbatched:
+            x = x.unsqueeze(0)
+        buf, xs, xzp, sizes = self._input(x)
+        if self.geom.transposed:
+            y = self._transposed(buf, xs, xzp, sizes)
+        else:
+            y = self._conv(buf, xs, xzp, self.phases[0], sizes)
+        if x.is_contiguous() and not y.is_contiguous():
+            y = y.contiguous()  # keep torch's convention: output layout follows the input's
+        return y.squeeze(0) if unbatched else y
+
+    def nbytes(self) -> int:
+        return self.weight_numel + tensor_bytes(self.w_scale, self.w_zero_point, self.bias)

@@ -1,0 +1,148 @@
+"""W8A8 Linear kernels: int8 x int8 products accumulated exactly in int32.
+
+- `OneDnnLinear`: oneDNN `qlinear_pointwise` (VNNI u8 x s8 -> s32, rescale and bias fused into
+  the GEMM epilogue, float32 out). Used for static and dynamic per-tensor activations with
+  symmetric 8-bit (or int4-valued) weights. oneDNN wants uint8 activations: int8 codes are
+  shifted by +128 together with their zero point, which leaves (q - zp) unchanged. Its int8
+  (s8) activation path is a reference loop here (minutes for one MiniLM layer), never used.
+- `IntMMLinear`: `torch._int_mm` (s8 x s8 -> s32) plus explicit zero-point corrections and
+  rescale. Used for per-token dynamic activations (oneDNN takes one activation scale only) and
+  for weights with non-zero zero points (oneDNN assumes symmetric weights).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from quantwise.kernels.base import (DynamicAct, StaticAct, StaticI8Quantizer, StaticU8Quantizer,
+                                    dynamic_scale_per_tensor, dynamic_scale_per_token,
+                                    quantize_symmetric_i8, quantize_symmetric_u8, tensor_bytes)
+from quantwise.spec import PerToken
+
+
+def _flat(x: torch.Tensor, k: int) -> torch.Tensor:
+    if x.dtype != torch.float32:
+        x = x.float()
+    return x.reshape(-1, k)
+
+
+def _act_label(act) -> str:
+    if isinstance(act, StaticAct):
+        return f"static per-tensor {act.spec.format.value} activations"
+    per = "per-token" if isinstance(act.spec.granularity, PerToken) else "per-tensor"
+    return f"{per} dynamic int8 activations"
+
+
+class OneDnnLinear:
+    def __init__(self, codes: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor],
+                 act, weight_label: str = "int8"):
+        self.out_features, self.in_features = codes.shape
+        self.packed = torch.ops.onednn.qlinear_prepack(codes.to(torch.int8).contiguous(), None)
+        self.w_scale = w_scale.to(torch.float32).contiguous()
+        self.w_zero_point = torch.zeros(self.out_features, dtype=torch.int64)
+        self.bias = None if bias is None else bias.detach().to(torch.float32).contiguous()
+        self.static = isinstance(act, StaticAct)
+        if self.static:
+            self.quant = StaticU8Quantizer(act)
+        else:
+            self.qmax = act.spec.qmax
+        self.name = (f"{weight_label} weights x uint8 activations -> int32, oneDNN "
+                     f"qlinear_pointwise (VNNI; rescale+bias fused; {_act_label(act)})")
+        self.fallback_reason = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = _flat(x, self.in_features)
+        if x2.shape[0] == 0:
+            return x2.new_zeros(*lead, self.out_features)
+        if self.static:
+            u = self.quant(x2)
+            xs, xzp = self.quant.scale, self.quant.zero_point
+        else:
+            s = dynamic_scale_per_tensor(x2, self.qmax)
+            u = quantize_symmetric_u8(x2, s)
+            xs, xzp = float(s), 128
+        y = torch.ops.onednn.qlinear_pointwise(u, xs, xzp, self.packed, self.w_scale,
+                                               self.w_zero_point, self.bias, 1.0, 0,
+                                               torch.float32, "none", [], "")
+        return y.reshape(*lead, self.out_features)
+
+    def nbytes(self) -> int:
+        return (self.out_features * self.in_features
+                + tensor_bytes(self.w_scale, self.w_zero_point, self.bias))
+
+
+class IntMMLinear:
+    """out = x_scale * w_scale * (sum_k (qx - zx)(qw - zw)) + bias, with the integer sum as
+    _int_mm(qx, qw^T) - zx * colsum(qw) - zw * rowsum(qx) + K * zx * zw (all int32, exact)."""
+
+    def __init__(self, codes: torch.Tensor, w_scale: torch.Tensor, w_zero_point: torch.Tensor,
+                 bias: Optional[torch.Tensor], act, weight_label: str = "int8"):
+        n, k = codes.shape
+        self.out_features, self.in_features = n, k
+        shift = 0 if codes.dtype == torch.int8 else -128  # uint8 codes -> int8, zp moves along
+        w = (codes.to(torch.int16) + shift).to(torch.int8).contiguous()
+        self.w_t = w.t()  # [K, N] view; _int_mm reads it as fast as a contiguous copy
+        zw = (w_zero_point.to(torch.int32) + shift).contiguous()
+        self.w_zero_point = zw if bool(zw.any()) else None
+        self.w_scale = w_scale.to(torch.float32).contiguous()
+        self.bias = None if bias is None else bias.detach().to(torch.float32).contiguous()
+        self.static = isinstance(act, StaticAct)
+        self.correction = None  # [N] int32 subtracted from every row of the accumulator
+        if self.static:
+            self.quant = StaticI8Quantizer(act)
+            zx = self.quant.zero_point
+            if zx:
+                corr = zx * w.sum(dim=1, dtype=torch.int32)
+                if self.w_zero_point is not None:
+                    corr = corr - k * zx * self.w_zero_point
+                self.correction = corr.contiguous()
+            self.out_scale = (self.w_scale * self.quant.scale_t).contiguous()
+        else:
+            self.qmax = act.spec.qmax
+            self.per_token = isinstance(act.spec.granularity, PerToken)
+        self.name = (f"{weight_label} x int8 -> int32 torch._int_mm ({_act_label(act)}"
+                     + (", weight zero-point correction" if self.w_zero_point is not None else "")
+                     + ")")
+        self.fallback_reason = None
+
+    def _accumulate(self, q: torch.Tensor) -> torch.Tensor:
+        acc = torch._int_mm(q, self.w_t)
+        if self.correction is not None:
+            acc.sub_(self.correction)
+        if self.w_zero_point is not None:
+            rowsum = q.sum(dim=1, keepdim=True, dtype=torch.int32)
+            acc.addcmul_(rowsum, self.w_zero_point, value=-1)
+        return acc
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = _flat(x, self.in_features)
+        if x2.shape[0] == 0:
+            return x2.new_zeros(*lead, self.out_features)
+        if self.static:
+            acc = self._accumulate(self.quant(x2))
+            y = torch.mul(acc, self.out_scale)
+            if self.bias is not None:
+                y.add_(self.bias)
+        else:
+            if self.per_token:
+                s = dynamic_scale_per_token(x2, self.qmax)  # [M, 1]
+            else:
+                s = dynamic_scale_per_tensor(x2, self.qmax)  # []
+            acc = self._accumulate(quantize_symmetric_i8(x2, s))
+            y = torch.mul(acc, s)  # int32 * float32 -> float32 in one pass
+            if self.bias is not None:
+                torch.addcmul(self.bias, y, self.w_scale, out=y)
+            else:
+                y.mul_(self.w_scale)
+        return y.reshape(*lead, self.out_features)
+
+    def nbytes(self) -> int:
+        return (self.out_features * self.in_features
+                + tensor_bytes(self.w_scale, self.w_zero_point, self.bias, self.correction))
+
+
+__all__ = ["OneDnnLinear", "IntMMLinear"]
