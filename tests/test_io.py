@@ -122,3 +122,15 @@ def test_read_only_output_detected(tmp_path, qdigits, monkeypatch):
     with pytest.raises(OutputPathError, match="writable"):
         quantwise.save(qmodel, locked / "q")
     assert list(locked.iterdir()) == []
+
+
+def test_saved_files_have_ordinary_permissions(tmp_path, qdigits):
+    _, qmodel, _ = qdigits
+    old = os.umask(0o022)
+    try:
+        folder = quantwise.save(qmodel, tmp_path / "q")
+    finally:
+        os.umask(old)
+    assert folder.stat().st_mode & 0o777 == 0o755
+    for path in folder.iterdir():
+        assert path.stat().st_mode & 0o777 == 0o644, path

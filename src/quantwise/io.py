@@ -74,15 +74,23 @@ def save(model: nn.Module, folder: str | Path, overwrite: bool = False) -> Path:
     folder = check_output_dir(folder, overwrite)
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the output is an ordinary folder
     try:
         safetensors.torch.save_model(model, str(staging / WEIGHTS_FILE),
                                      metadata={"format": "quantwise", "version": str(FORMAT_VERSION)})
+        (staging / WEIGHTS_FILE).chmod(0o666 & ~_umask())
         atomic_write_text(staging / META_FILE, json.dumps(_metadata(model, state), separators=(",", ":")))
         _swap_in(staging, folder)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return folder
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _swap_in(staging: Path, folder: Path) -> None:
@@ -109,7 +117,9 @@ def _metadata(model: nn.Module, state: QuantState) -> dict[str, Any]:
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "source": state.source, "config": state.config.to_dict(), "layers": layers,
             "folded": [list(pair) for pair in state.folded],
-            "records": [r.to_dict() for r in state.records.values()]}
+            # The kernel is not stored: load names the one it rebuilds on that machine.
+            "records": [{k: v for k, v in r.to_dict().items() if k != "kernel"}
+                        for r in state.records.values()]}
 
 
 def read_metadata(folder: str | Path) -> dict[str, Any]:
@@ -167,6 +177,10 @@ def load(folder: str | Path, model: nn.Module | None = None) -> nn.Module:
     for layer in layers.values():
         layer.build_kernel()
     records = {r["name"]: LayerRecord(**r) for r in meta["records"]}
+    for name, layer in layers.items():
+        records[name].kernel = layer.kernel_name
+    for conv_name, bn_name in folded:
+        records[bn_name].kernel = f"folded into {conv_name}"
     set_state(qmodel, QuantState(Config.from_dict(meta["config"]), records, meta.get("source"),
                                  stage="converted", folded=folded))
     return qmodel.eval()
