@@ -134,3 +134,13 @@ def test_saved_files_have_ordinary_permissions(tmp_path, qdigits):
     assert folder.stat().st_mode & 0o777 == 0o755
     for path in folder.iterdir():
         assert path.stat().st_mode & 0o777 == 0o644, path
+
+
+def test_int4_conv_weights_pack_two_per_byte(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Conv2d(4, 6, 3)).eval()
+    cfg = quantwise.Config.from_dict({"default": {"weight": {"format": "int4", "granularity": "per_channel"}}})
+    qmodel = quantwise.quantize(model, cfg, None, progress=False)
+    assert qmodel[0].weight.dtype == torch.uint8 and qmodel[0].weight.numel() == 6 * 18  # 36 codes -> 18 B
+    quantwise.save(qmodel, tmp_path / "q")
+    x = torch.randn(2, 4, 7, 7)
+    assert torch.equal(quantwise.load(tmp_path / "q", model=model)(x), qmodel(x))

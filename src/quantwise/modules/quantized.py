@@ -7,6 +7,7 @@ and at load time, so a reloaded model computes bit-identical outputs.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -32,7 +33,8 @@ class QuantizedLayer(nn.Module):
         self.layer_args = dict(layer_args)
         fmt = weight_spec.format
         if fmt in _PACKED:
-            stored = (*weight_shape[:-1], (weight_shape[-1] + 1) // 2)
+            # Packed along all dims but the first: a 3x3 conv row of 9 codes takes 5 bytes, not 6.
+            stored = (weight_shape[0], (math.prod(weight_shape[1:]) + 1) // 2)
             self.register_buffer("weight", torch.zeros(stored, dtype=torch.uint8))
         else:
             self.register_buffer("weight", torch.zeros(weight_shape, dtype=fmt.storage_dtype))
@@ -52,7 +54,8 @@ class QuantizedLayer(nn.Module):
     def set_quantized(self, codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
                       bias: torch.Tensor | None, input_qparams: tuple | None) -> None:
         """Fill the buffers from unpacked codes and qparams, then build the kernel."""
-        self.weight = pack_int4(codes) if self.weight_spec.format in _PACKED else codes.contiguous()
+        self.weight = (pack_int4(codes.reshape(codes.shape[0], -1)) if self.weight_spec.format in _PACKED
+                       else codes.contiguous())
         self.weight_scale = scale.to(torch.float32).contiguous()
         if self.weight_zero_point is not None:
             self.weight_zero_point = zero_point.to(torch.int32).contiguous()
@@ -78,7 +81,8 @@ class QuantizedLayer(nn.Module):
     def codes(self) -> torch.Tensor:
         """Unpacked integer codes (or half/fp8 values) of the weight."""
         if self.weight_spec.format in _PACKED:
-            return unpack_int4(self.weight, self.weight_shape[-1], self.weight_spec.format.is_signed)
+            flat = unpack_int4(self.weight, math.prod(self.weight_shape[1:]), self.weight_spec.format.is_signed)
+            return flat.reshape(self.weight_shape)
         return self.weight
 
     def build_kernel(self) -> None:
