@@ -73,10 +73,10 @@ def _float_format_reason(fmt: Format, act: Act) -> Optional[str]:
 
 
 def _act_reason(act: Act, allow_per_token: bool) -> Optional[str]:
-    if isinstance(act, StaticAct):
-        return static_act_problem(act)
-    if isinstance(act, DynamicAct):
-        return dynamic_act_problem(act, allow_per_token)
+    if isinstance(act, (StaticAct, DynamicAct)):
+        problem = (static_act_problem(act) if isinstance(act, StaticAct)
+                   else dynamic_act_problem(act, allow_per_token))
+        return None if problem is None else problem + "; runs as float32 simulation"
     raise ConfigError(f"act must be StaticAct, DynamicAct or None, got {type(act).__name__}")
 
 
@@ -118,7 +118,7 @@ def make_linear_kernel(weight_codes: torch.Tensor, weight_scale: torch.Tensor,
             if per_out is not None and fmt in (Format.INT8, Format.UINT8):
                 return Fp16CodesLinear(codes, *per_out, bias, weight_label=label)
             why = ("no int4 CPU GEMM matches float32 numerics at useful speed (measured: "
-                   "_weight_int4pack_mm_for_cpu fp32 5-80x slower than fp32, bf16 input outside "
+                   "_weight_int4pack_mm_for_cpu fp32 7-80x slower than fp32, bf16 input outside "
                    "tolerance); codes stay packed and are dequantized per call"
                    if fmt in (Format.INT4, Format.UINT4) else
                    "per-group 8-bit weights have no CPU GEMM; codes are dequantized per call")

@@ -23,9 +23,14 @@ def _fake_quant_input(x: torch.Tensor, act) -> torch.Tensor:
         scale = torch.tensor(act.scale, dtype=torch.float32)
         zp = torch.tensor(int(act.zero_point), dtype=torch.int32)
         return numerics.fake_quantize(x, scale, zp, act.spec)
-    lo, hi = numerics.tensor_range(x, act.spec)
-    scale, zp = numerics.qparams_from_range(lo, hi, act.spec)
-    return numerics.fake_quantize(x, scale, zp, act.spec)
+    finite = torch.isfinite(x)
+    if bool(finite.all()):
+        scale, zp = numerics.qparams_from_range(*numerics.tensor_range(x, act.spec), act.spec)
+        return numerics.fake_quantize(x, scale, zp, act.spec)
+    # NaN/Inf: excluded from the range (never a NaN or infinite scale) and passed through
+    clean = torch.where(finite, x, torch.zeros((), dtype=x.dtype))
+    scale, zp = numerics.qparams_from_range(*numerics.tensor_range(clean, act.spec), act.spec)
+    return torch.where(finite, numerics.fake_quantize(clean, scale, zp, act.spec), x)
 
 
 def _act_label(act) -> str:

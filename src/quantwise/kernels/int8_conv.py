@@ -27,8 +27,8 @@ from typing import Optional
 
 import torch
 
-from quantwise.kernels.base import (ConvGeom, StaticAct, StaticU8Quantizer,
-                                    dynamic_scale_per_tensor, tensor_bytes)
+from quantwise.kernels.base import (ConvGeom, StaticAct, StaticU8Quantizer, dynamic_scale,
+                                    tensor_bytes)
 
 _OPS = {1: "qconv1d_pointwise", 2: "qconv2d_pointwise", 3: "qconv3d_pointwise"}
 
@@ -111,11 +111,12 @@ class OneDnnConv:
 
     def _input(self, x: torch.Tensor):
         """uint8 codes of x in a zero-point-filled, padded (and maybe widened) buffer."""
+        bad = None
         if self.static:
             t = self.quant.float_codes(x)
             xs, xzp = self.quant.scale, self.quant.zero_point
         else:
-            s = dynamic_scale_per_tensor(x, self.qmax)
+            x, s, bad = dynamic_scale(x, self.qmax, per_row=False)
             t = torch.div(x, s).round_().add_(128)
             xs, xzp = float(s), 128
         b, c, sizes = t.shape[0], t.shape[1], t.shape[2:]
@@ -127,7 +128,7 @@ class OneDnnConv:
         inner = (slice(None), slice(0, None, 2) if self.widen else slice(None),
                  *[slice(p, p + n) for n, p in zip(sizes, self.in_pad)])
         buf[inner] = t  # conversion, layout change and placement in one pass
-        return buf, xs, xzp, sizes
+        return buf, xs, xzp, sizes, bad
 
     def _conv(self, buf, xs, xzp, phase, sizes):
         view = (slice(None), slice(None),
@@ -163,11 +164,13 @@ class OneDnnConv:
         unbatched = x.dim() == self.dim + 1
         if unbatched:
             x = x.unsqueeze(0)
-        buf, xs, xzp, sizes = self._input(x)
+        buf, xs, xzp, sizes, bad = self._input(x)
         if self.geom.transposed:
             y = self._transposed(buf, xs, xzp, sizes)
         else:
             y = self._conv(buf, xs, xzp, self.phases[0], sizes)
+        if bad is not None:  # samples that held NaN/Inf (dynamic only): NaN out
+            y.masked_fill_(bad, float("nan"))
         if x.is_contiguous() and not y.is_contiguous():
             y = y.contiguous()  # keep torch's convention: output layout follows the input's
         return y.squeeze(0) if unbatched else y
