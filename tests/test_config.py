@@ -33,6 +33,12 @@ def test_rules_first_match_wins_and_types_filter():
     assert layer.is_float and "excluded" in why
 
 
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_round_trips(tmp_path, name):
+    Config.preset(name).save(tmp_path / "p.yaml")
+    assert Config.load(tmp_path / "p.yaml") == Config.preset(name)
+
+
 @pytest.mark.parametrize("suffix", [".yaml", ".json"])
 def test_round_trip_through_files(tmp_path, suffix):
     cfg = Config.preset("w8a8").with_rule(Rule("*.out", overrides={"calibrator": "percentile",

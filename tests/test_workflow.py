@@ -265,3 +265,11 @@ def test_sequential_fallback_when_tracing_fails():
             return self.body(-x)
 
     assert find_conv_bn_pairs(Untraceable()) == [("body.0", "body.1")]
+
+
+def test_dynamic_preset_runs_convs_on_a_real_kernel(tiny):
+    model, data = tiny
+    qmodel = quantwise.quantize(model, "w8a8-dynamic", None, progress=False)
+    rows = {r.name: r for r in quantwise.summary(qmodel).rows}
+    assert "per_tensor dynamic" in rows["conv"].config and "per_token" in rows["fc1"].config
+    assert not _float_kernels(qmodel)

@@ -107,6 +107,9 @@ class Rule:
     def __post_init__(self) -> None:
         object.__setattr__(self, "types", tuple(self.types))
         LayerConfig.from_dict(self.overrides, LayerConfig())  # validate eagerly: typos fail here
+        specs = {k: QuantSpec.from_dict(v) for k, v in self.overrides.items()
+                 if k in ("weight", "activation") and isinstance(v, dict)}
+        object.__setattr__(self, "overrides", {**self.overrides, **specs})  # one form: equal after reload
 
     def matches(self, name: str, module_type: str) -> bool:
         if self.types and module_type not in self.types:
@@ -235,7 +238,10 @@ _A8_TOKEN = QuantSpec("int8", symmetric=True, granularity=PerToken())
 
 PRESETS: dict[str, Config] = {
     "w8a8": Config(LayerConfig(weight=_W8, activation=_A8_STATIC), name="w8a8"),
+    # Per-token scales are rows of a Linear's input; a conv's input gets one dynamic scale.
     "w8a8-dynamic": Config(LayerConfig(weight=_W8, activation=_A8_TOKEN, dynamic=True),
+                           rules=[Rule("*", types=("Conv1d", "Conv2d", "ConvTranspose2d"),
+                                       overrides={"activation": replace(_A8_TOKEN, granularity=PerTensor())})],
                            name="w8a8-dynamic"),
     "w8": Config(LayerConfig(weight=_W8), name="w8"),
     "w4": Config(LayerConfig(weight=_W4), name="w4"),
