@@ -144,3 +144,18 @@ def test_int4_conv_weights_pack_two_per_byte(tmp_path):
     quantwise.save(qmodel, tmp_path / "q")
     x = torch.randn(2, 4, 7, 7)
     assert torch.equal(quantwise.load(tmp_path / "q", model=model)(x), qmodel(x))
+
+
+def test_load_without_model_rebuilds_the_recorded_source(tmp_path, digits):
+    model, calib, images, _ = digits
+    qmodel = quantwise.quantize(model, "w8a8", calib[:2], progress=False, source="digits")
+    quantwise.save(qmodel, tmp_path / "q")
+    reloaded = quantwise.load(tmp_path / "q")  # the float model comes from the built-in name
+    assert torch.equal(qmodel(images[:16]), reloaded(images[:16]))
+
+
+def test_load_without_model_or_source_says_what_to_pass(tmp_path, qdigits):
+    _, qmodel, _ = qdigits
+    quantwise.save(qmodel, tmp_path / "q")
+    with pytest.raises(CheckpointError, match="pass model="):
+        quantwise.load(tmp_path / "q")
