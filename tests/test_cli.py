@@ -72,3 +72,16 @@ def test_missing_calibration_data_exit_2(tmp_path, capsys, calib):
     assert main(["quantize", "--calib", str(tmp_path / calib), "--out", str(tmp_path / "o")]) == 2
     assert "not found" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_ctrl_c_during_calibration_exits_130_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    import quantwise.workflow
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(quantwise.workflow, "run_model", interrupted)
+    out = tmp_path / "out"
+    assert main(["quantize", "--out", str(out), "--quiet"]) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert not out.exists() and list(tmp_path.iterdir()) == []
