@@ -273,3 +273,13 @@ def test_dynamic_preset_runs_convs_on_a_real_kernel(tiny):
     rows = {r.name: r for r in quantwise.summary(qmodel).rows}
     assert "per_tensor dynamic" in rows["conv"].config and "per_token" in rows["fc1"].config
     assert not _float_kernels(qmodel)
+
+
+def test_quantized_convs_keep_channels_last_and_values(tiny):
+    model, data = tiny
+    qmodel = quantwise.quantize(model, "w8a8", data, progress=False)
+    out = qmodel.conv(data[0])  # an NCHW input
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    ref = quantwise.quantize(model, "w8a8", data, progress=False).conv(
+        data[0].contiguous(memory_format=torch.channels_last))
+    assert torch.equal(out, ref)  # the layout changes nothing but speed

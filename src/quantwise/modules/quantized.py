@@ -106,6 +106,11 @@ class QuantizedLayer(nn.Module):
         if self.kind == "embedding":
             return self._embed(x)
         dtype = x.dtype
+        if self.kind == "conv" and x.dim() == 4:
+            # oneDNN's int8 conv works in NHWC: once the first conv's input is channels_last,
+            # outputs stay channels_last through relu/add/pool (as torch's convs do for
+            # channels_last weights), and no layer pays a layout copy again.
+            x = x.contiguous(memory_format=torch.channels_last)
         with torch.no_grad():  # integer kernels are inference-only; QAT trains the float model
             out = self.kernel(x.float() if dtype != torch.float32 else x)
         return out if out.dtype == dtype else out.to(dtype)
