@@ -13,7 +13,11 @@ torch.manual_seed(0)
 @pytest.fixture(scope="session")
 def digits():
     """(float model, calibration batches, test images, test labels) of the built-in classifier."""
-    from quantwise.models.digits import digits_calib_batches, digits_data, load_digits_model
+    from quantwise.models.digits import (
+        digits_calib_batches,
+        digits_data,
+        load_digits_model,
+    )
 
     images, labels = digits_data("test")
     return load_digits_model(), list(digits_calib_batches(32)), images, labels
@@ -42,3 +46,13 @@ def tiny():
     model = TinyNet().eval()
     data = [torch.randn(4, 3, 8, 8) for _ in range(6)]
     return model, data
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    # These tensors are too small to gain from intra-op threads, and on a shared 2-core machine
+    # OpenMP threads waiting for a busy core made this file 5x slower; restored afterwards.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

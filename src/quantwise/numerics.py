@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from quantwise.errors import ConfigError
-from quantwise.spec import Format, PerChannel, PerGroup, PerTensor, PerToken, QuantSpec
+from quantwise.spec import Format, PerChannel, PerTensor, PerToken, QuantSpec
 
 # Smallest positive normal float32: the floor for every scale (bad-inputs 11 and 14).
 TINY = torch.finfo(torch.float32).tiny

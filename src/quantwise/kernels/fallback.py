@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from quantwise import numerics
-from quantwise.kernels.base import ConvGeom, DynamicAct, StaticAct, tensor_bytes
+from quantwise.kernels.base import ConvGeom, StaticAct, tensor_bytes
 
 
 def _fake_quant_input(x: torch.Tensor, act) -> torch.Tensor:

@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 
-from quantwise.kernels.base import (DynamicAct, StaticAct, StaticI8Quantizer, StaticU8Quantizer,
+from quantwise.kernels.base import (StaticAct, StaticI8Quantizer, StaticU8Quantizer,
                                     dynamic_scale, quantize_symmetric_i8, quantize_symmetric_u8,
                                     tensor_bytes)
 from quantwise.spec import PerToken
