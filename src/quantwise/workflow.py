@@ -187,8 +187,9 @@ def _convert_layer(obs: ObservedLayer, record: LayerRecord, tied: dict) -> Quant
         record.seen, record.nonfinite = int(cal.num_seen), int(cal.num_nonfinite)
         if obs.calls == 0 or cal.num_seen - cal.num_nonfinite == 0:
             return _keep_float(record, "no calibration sample reached this layer")
-        act_spec, note = _signed_if_needed(obs, act_spec)
-        input_qparams = qparams_from_range(*obs.calibrator.compute_range(), act_spec)
+        amin, amax = cal.compute_range()
+        act_spec, note = _signed_if_needed(obs.qname, act_spec, amin)
+        input_qparams = qparams_from_range(amin, amax, act_spec)
         _note(record, note)
     if cfg.weight is None:
         return _keep_float(record, "activation-only quantization has no kernel; layer stays float")
@@ -216,21 +217,17 @@ def _convert_layer(obs: ObservedLayer, record: LayerRecord, tied: dict) -> Quant
         tied[id(weight)] = qlayer
     qlayer.qname = obs.qname
     record.status = "quantized"
-    record.config = replace(cfg, weight=spec, activation=act_spec,
-                            dynamic=cfg.dynamic and act_spec is not None).describe()
+    record.config = replace(cfg, weight=spec, activation=act_spec, dynamic=dynamic).describe()
     record.kernel = qlayer.kernel_name
     _note(record, qlayer.fallback_reason)
     return qlayer
 
 
-def _signed_if_needed(obs: ObservedLayer, spec: QuantSpec) -> tuple[QuantSpec, str | None]:
+def _signed_if_needed(name: str, spec: QuantSpec, amin: torch.Tensor) -> tuple[QuantSpec, str | None]:
     """Unsigned symmetric cannot hold negatives: switch to int8 aloud (bad-inputs 12)."""
-    if spec.format.is_signed or not spec.symmetric:
+    if spec.format.is_signed or not spec.symmetric or float(amin) >= 0:
         return spec, None
-    amin, _ = obs.calibrator.compute_range()
-    if float(amin) >= 0:
-        return spec, None
-    message = (f"layer {obs.qname!r}: input has negative values (min {float(amin):.4g}) but "
+    message = (f"layer {name!r}: input has negative values (min {float(amin):.4g}) but "
                f"{spec.format.value} symmetric cannot hold them; using int8 symmetric instead")
     warnings.warn(message, QuantwiseWarning, stacklevel=3)
     return replace(spec, format="int8"), message
