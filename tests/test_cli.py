@@ -85,3 +85,36 @@ def test_ctrl_c_during_calibration_exits_130_and_writes_nothing(tmp_path, capsys
     assert main(["quantize", "--out", str(out), "--quiet"]) == 130
     assert "interrupted" in capsys.readouterr().err
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_benchmark_a_saved_folder(tmp_path, capsys):
+    out = tmp_path / "q"
+    assert main(["quantize", "--out", str(out), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["benchmark", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["before"]["metric"] == "top1" and report["after"]["quality"] >= 0.99
+    assert report["size_ratio"] <= 0.27 and report["layers"]["counts"]["quantized"] == 4
+
+
+def test_benchmark_custom_model_needs_data_and_reports_cosine(tmp_path, capsys):
+    import numpy as np
+
+    out = tmp_path / "q"
+    data = tmp_path / "inputs"
+    data.mkdir()
+    for i in range(3):
+        np.save(data / f"{i}.npy", np.random.rand(4, 16).astype("float32"))
+    ref = "benchmark_models:small_mlp"
+    assert main(["quantize", ref, "--calib", str(data), "--out", str(out), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["benchmark", str(out)]) == 2
+    assert "--data" in capsys.readouterr().err
+    assert main(["benchmark", str(out), "--data", str(data), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["before"]["metric"] == "cosine" and report["after"]["quality"] > 0.99
+
+
+def test_benchmark_missing_folder_exit_2(tmp_path, capsys):
+    assert main(["benchmark", str(tmp_path / "nothing")]) == 2
+    assert "not a folder" in capsys.readouterr().err

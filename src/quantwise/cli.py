@@ -36,6 +36,16 @@ a config file (YAML or JSON) holds defaults, ordered rules and excludes, e.g.:
 """
 
 
+BENCHMARK_EPILOG = """\
+examples:
+  quantwise benchmark quantwise-out/digits-w8a8
+      the built-in digits classifier: top-1 on its test split, fp32 vs int8
+  quantwise benchmark out/my-model --model mypkg.models:build --data inputs/ --json
+      a user's model: cosine of the outputs vs fp32 on the given inputs
+the full side-by-side with ONNX Runtime and torch.ao is benchmarks/run.py in the repository.
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="quantwise", description="Quantize trained PyTorch models and measure the result.")
@@ -56,6 +66,16 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     q.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     q.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
+    b = sub.add_parser(
+        "benchmark", help="measure a saved quantized model against its float model",
+        description="Reload FOLDER (written by `quantwise quantize` or quantwise.save) and print size, "
+                    "latency and quality of the float model and the quantized one, side by side.",
+        epilog=BENCHMARK_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    b.add_argument("folder", help="a folder written by quantwise quantize / quantwise.save")
+    b.add_argument("--model", help="the float model, when the folder records none (same forms as quantize)")
+    b.add_argument("--data", help="evaluation inputs (same forms as --calib); default: the model's own "
+                                  "held-out data")
+    b.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     return parser
 
 
@@ -71,7 +91,7 @@ def _format_report(report) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return (f"\n{report.layers}\n\nmodel {report.model}, config {report.config}, "
-            f"{report.threads} threads, saved to {report.out}\n" + "\n".join(lines))
+            f"{report.threads} threads, checkpoint {report.out}\n" + "\n".join(lines))
 
 
 def _speed(speedup: float) -> str:
@@ -85,14 +105,19 @@ def _quality(result) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    log = (lambda _: None) if args.quiet or args.json else (lambda m: print(m, file=sys.stderr))
+    quiet = getattr(args, "quiet", False) or args.json
+    log = (lambda _: None) if quiet else (lambda m: print(m, file=sys.stderr))
     try:
-        from quantwise.job import run_quantize_job  # heavy imports only once the args are valid
+        from quantwise.job import run_benchmark_job, run_quantize_job  # heavy imports: args are valid
 
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", QuantwiseWarning)
-            report = run_quantize_job(args.model, args.config, args.calib, args.method, args.out,
-                                      args.overwrite, progress=not (args.quiet or args.json), log=log)
+            if args.command == "benchmark":
+                report = run_benchmark_job(args.folder, args.data, args.model, log=log)
+            else:
+                report = run_quantize_job(args.model, args.config, args.calib, args.method, args.out,
+                                          args.overwrite, progress=not (args.quiet or args.json),
+                                          log=log)
         report.notes = sorted({str(w.message) for w in caught if issubclass(w.category, QuantwiseWarning)})
     except QuantwiseError as exc:
         print(f"quantwise: error: {exc}", file=sys.stderr)

@@ -11,13 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from quantwise.config import Config
-from quantwise.errors import CalibrationError
+from quantwise.errors import CalibrationError, CheckpointError
 from quantwise.data import corpus_split, load_calibration_data
 from quantwise.evaluate import (EvalResult, evaluate, float_checkpoint_bytes, folder_bytes,
                                 median_latency_ms)
-from quantwise.io import check_output_dir, save
+from quantwise.io import check_output_dir, load, read_metadata, save
 from quantwise.models.registry import DEFAULT_MODEL, ModelInfo, load_model
 from quantwise.summary import Summary, summary
 from quantwise.workflow import quantize
@@ -98,15 +99,42 @@ def run_quantize_job(model_ref: str = DEFAULT_MODEL, config: str = "w8a8", calib
     qmodel = quantize(model, cfg, calib_data, progress=progress, source=_source(model_ref))
     save(qmodel, out, overwrite=overwrite)
     log(f"saved to {out}; measuring before/after")
-    evals, metric = eval_batches(info, calib_data)
+    return _measure(model, qmodel, info, cfg.name, out, eval_batches(info, calib_data))
+
+
+def run_benchmark_job(folder: str | Path, data: str | None = None, model_ref: str | None = None,
+                      log: Callable[[str], None] = lambda _: None) -> JobReport:
+    """Reload a saved quantized model and measure it against its float model, side by side."""
+    folder = Path(folder)
+    meta = read_metadata(folder)
+    ref = model_ref or meta.get("source")
+    if not ref:
+        raise CheckpointError(f"{folder} records no source model: pass --model (a built-in name, a "
+                              "Hugging Face folder, or package.module:function)")
+    log(f"loading float model {ref!r} and {folder}")
+    model, info = load_model(ref)
+    qmodel = load(folder, model=model)
+    if data is not None:
+        evals = (load_calibration_data(data, info), "cosine")
+    elif info.eval_data is not None:
+        evals = eval_batches(info, [])
+    else:
+        raise CalibrationError(f"model {info.name!r} has no built-in evaluation data: pass --data "
+                               "(a text file, or a folder of .npy / .safetensors inputs)")
+    return _measure(model, qmodel, info, meta["config"].get("name", "quantized"), folder, evals)
+
+
+def _measure(model: nn.Module, qmodel: nn.Module, info: ModelInfo, name: str, folder: Path,
+             evals: tuple[list[Any], str]) -> JobReport:
+    """Size on disk, median latency (same threads, same batch) and quality, fp32 vs quantized."""
+    batches, metric = evals
     reference = model if metric == "cosine" else None
-    threads = torch.get_num_threads()
-    sample = evals[0][0] if metric == "top1" else evals[0]
+    sample = batches[0][0] if metric == "top1" else batches[0]
     before = Measured("fp32", float_checkpoint_bytes(model), median_latency_ms(model, sample),
-                      evaluate(model, evals, metric, reference=reference))
-    after = Measured(cfg.name, folder_bytes(out), median_latency_ms(qmodel, sample),
-                     evaluate(qmodel, evals, metric, reference=reference))
-    return JobReport(info.name, cfg.name, out, threads, before, after, summary(qmodel))
+                      evaluate(model, batches, metric, reference=reference))
+    after = Measured(name, folder_bytes(folder), median_latency_ms(qmodel, sample),
+                     evaluate(qmodel, batches, metric, reference=reference))
+    return JobReport(info.name, name, folder, torch.get_num_threads(), before, after, summary(qmodel))
 
 
 def _source(model_ref: str) -> str:
