@@ -11,7 +11,8 @@ benchmarks/kernels_micro.py; the reasons are in each module's docstring):
 | Linear, dynamic per-tensor input, symmetric W    | oneDNN qlinear_pointwise (int8_linear)    |
 | Linear, dynamic per-token input, or affine W     | torch._int_mm + corrections (int8_linear) |
 | Linear, weight-only 8-bit per-channel            | fp16-exact codes, FBGEMM (weight_only)    |
-| Linear, weight-only int4 / 8-bit per-group       | packed, dequant per call (flagged)        |
+| Linear, weight-only symmetric int4, group/channel| torch int4 GEMM, bf16 input (weight_only) |
+| Linear, other int4 / 8-bit per-group             | packed, dequant per call (flagged)        |
 | Linear/Conv bf16, Linear fp16                    | oneDNN bf16 / FBGEMM fp16 (half)          |
 | Conv fp16                                        | fp16 held, fp32 conv (half; flagged)      |
 | Conv1d/2d/3d, static or dynamic per-tensor input | oneDNN qconv_pointwise (int8_conv)        |
@@ -45,7 +46,7 @@ from quantwise.kernels.fallback import FallbackConv, FallbackLinear
 from quantwise.kernels.half import Bf16Conv, Bf16Linear, Fp16Conv, Fp16Linear
 from quantwise.kernels.int8_conv import OneDnnConv
 from quantwise.kernels.int8_linear import IntMMLinear, OneDnnLinear
-from quantwise.kernels.weight_only import Fp16CodesLinear, PackedDequantLinear
+from quantwise.kernels.weight_only import Fp16CodesLinear, Int4PackLinear, PackedDequantLinear
 from quantwise.spec import Format, PerToken, QuantSpec
 
 __all__ = ["StaticAct", "DynamicAct", "Kernel", "make_linear_kernel", "make_conv_kernel",
@@ -117,9 +118,15 @@ def make_linear_kernel(weight_codes: torch.Tensor, weight_scale: torch.Tensor,
         if act is None:
             if per_out is not None and fmt in (Format.INT8, Format.UINT8):
                 return Fp16CodesLinear(codes, *per_out, bias, weight_label=label)
-            why = ("no int4 CPU GEMM matches float32 numerics at useful speed (measured: "
-                   "_weight_int4pack_mm_for_cpu fp32 7-80x slower than fp32, bf16 input outside "
-                   "tolerance); codes stay packed and are dequantized per call"
+            if Int4PackLinear.supports(weight_spec, codes, weight_zero_point):
+                try:
+                    kernel = Int4PackLinear(codes, weight_scale, weight_spec, bias)
+                    kernel(torch.zeros(1, k))  # probe: a shape the op rejects falls back now
+                    return kernel
+                except RuntimeError:
+                    pass
+            why = ("this int4 layout (affine, per-tensor, or group not in 32..256 dividing K) or "
+                   "shape has no CPU int4 GEMM; codes stay packed and are dequantized per call"
                    if fmt in (Format.INT4, Format.UINT4) else
                    "per-group 8-bit weights have no CPU GEMM; codes are dequantized per call")
             return PackedDequantLinear(codes, weight_scale, weight_zero_point, weight_spec, bias,
