@@ -343,7 +343,26 @@ ONEDNN_DEFECTS = [  # (in_shape, weight_shape, stride, padding, dilation, groups
     ((2, 3, 2, 1), (3, 3, 1, 2), (2, 1), 1, 2, 1),         # wrong values (~1e10 off)
     ((2, 1, 7, 6), (3, 1, 4, 4), (1, 3), 0, 1, 1),         # wrong: 1 input ch, width-1 output
     ((2, 2, 5, 2), (4, 1, 3, 2), (1, 2), (1, 0), 1, 2),    # wrong: channel multiplier 2
+    ((2, 1, 7, 13), (36, 1, 3, 3), 1, 3, 1, 1),            # garbage: pad 3 > reach 2, zp != 0
+    ((4, 24, 4, 4), (48, 1, 3, 3), 1, 3, 1, 24),           # garbage: same, channel multiplier 2
+    ((2, 4, 2, 1), (8, 4, 1, 1), 2, 1, 2, 1),              # SIGSEGV: 1x1 with padding, width 1
 ]
+
+
+@pytest.mark.parametrize("case", [
+    ((2, 16, 9, 9), (16, 16, 3, 3), 1, 1, 1, 1),    # ResNet 3x3 / pad 1
+    ((2, 3, 20, 20), (8, 3, 7, 7), 2, 3, 1, 1),     # stem 7x7 / stride 2 / pad 3
+    ((1, 8, 5, 5), (8, 1, 3, 3), 1, 2, 2, 8),       # depthwise, dilated: pad 2 = reach 2
+])
+def test_conv_padding_inside_the_kernel_reach_goes_to_onednn(case):
+    in_shape, w_shape, stride, padding, dilation, groups = case
+    w, x, bias = torch.randn(*w_shape), torch.randn(*in_shape), torch.randn(w_shape[0])
+    codes, scale, zp = qweight(w, W8)
+    act = static_act(x)
+    kernel = make_conv_kernel(codes, scale, zp, W8, bias, act, stride=stride, padding=padding,
+                              dilation=dilation, groups=groups)
+    real(kernel, "oneDNN padding")
+    check_conv(kernel, x, codes, scale, zp, W8, bias, act, stride, padding, dilation, groups)
 
 
 @pytest.mark.parametrize("case", ONEDNN_DEFECTS)
