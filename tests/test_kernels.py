@@ -355,26 +355,29 @@ ONEDNN_DEFECTS = [  # (in_shape, weight_shape, stride, padding, dilation, groups
     ((1, 8, 5, 5), (8, 1, 3, 3), 1, 2, 2, 8),       # depthwise, dilated: pad 2 = reach 2
 ])
 def test_conv_padding_inside_the_kernel_reach_goes_to_onednn(case):
+    _static_conv_matches_simulation(case, "oneDNN padding")
+
+
+def _static_conv_matches_simulation(case, *words):
     in_shape, w_shape, stride, padding, dilation, groups = case
     w, x, bias = torch.randn(*w_shape), torch.randn(*in_shape), torch.randn(w_shape[0])
     codes, scale, zp = qweight(w, W8)
     act = static_act(x)
     kernel = make_conv_kernel(codes, scale, zp, W8, bias, act, stride=stride, padding=padding,
                               dilation=dilation, groups=groups)
-    real(kernel, "oneDNN padding")
+    real(kernel, *words)
     check_conv(kernel, x, codes, scale, zp, W8, bias, act, stride, padding, dilation, groups)
+    return kernel
 
 
 @pytest.mark.parametrize("case", ONEDNN_DEFECTS)
 def test_conv_avoids_onednn_defects(case):
-    in_shape, w_shape, stride, padding, dilation, groups = case
-    w, x, bias = torch.randn(*w_shape), torch.randn(*in_shape), torch.randn(w_shape[0])
-    codes, scale, zp = qweight(w, W8)
-    act = static_act(x)
-    kernel = make_conv_kernel(codes, scale, zp, W8, bias, act, stride=stride, padding=padding,
-                              dilation=dilation, groups=groups)
-    real(kernel, "oneDNN")
-    check_conv(kernel, x, codes, scale, zp, W8, bias, act, stride, padding, dilation, groups)
+    kernel = _static_conv_matches_simulation(case, "oneDNN")
+    _, w_shape, _, padding, dilation, _ = case
+    pads = padding if isinstance(padding, tuple) else (padding, padding)
+    beyond_reach = any(p > dilation * (k - 1) for p, k in zip(pads, w_shape[2:]))
+    if beyond_reach:  # oneDNN crashes or gives garbage there: the hand-padded buffer is used
+        assert "oneDNN padding" not in kernel.name
 
 
 def test_conv_random_geometries():
