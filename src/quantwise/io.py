@@ -27,6 +27,7 @@ from quantwise.config import Config
 from quantwise.errors import CheckpointError, OutputPathError
 from quantwise.fileio import atomic_write_text
 from quantwise.fold import fold_conv_bn
+from quantwise.int8graph import apply_int8_graph
 from quantwise.models.registry import load_model
 from quantwise.modules import QuantizedLayer
 from quantwise.state import LayerRecord, QuantState, get_state, set_state
@@ -143,7 +144,7 @@ def read_metadata(folder: str | Path) -> dict[str, Any]:
     return meta
 
 
-def load(folder: str | Path, model: nn.Module | None = None) -> nn.Module:
+def load(folder: str | Path, model: nn.Module | None = None, int8_graph: bool = True) -> nn.Module:
     """Rebuild a saved quantized model on a copy of its float model (`model` is untouched).
 
     `model` may be omitted when the checkpoint records a built-in or loadable source.
@@ -181,8 +182,11 @@ def load(folder: str | Path, model: nn.Module | None = None) -> nn.Module:
         records[name].kernel = layer.kernel_name
     for conv_name, bn_name in folded:
         records[bn_name].kernel = f"folded into {conv_name}"
-    set_state(qmodel, QuantState(Config.from_dict(meta["config"]), records, meta.get("source"),
-                                 stage="converted", folded=folded))
+    state = QuantState(Config.from_dict(meta["config"]), records, meta.get("source"),
+                       stage="converted", folded=folded)
+    set_state(qmodel, state)
+    if int8_graph:
+        apply_int8_graph(qmodel, state)
     return qmodel.eval()
 
 

@@ -39,6 +39,7 @@ class QuantState:
     source: str | None = None       # how to rebuild the float model: built-in name, folder, module:fn
     stage: str = "prepared"         # "prepared", "calibrated", "converted"
     folded: list[tuple[str, str]] = field(default_factory=list)  # (conv, batchnorm) pairs
+    graph: Any = None               # int8graph.GraphReport once convert()/load() ran the pass
 
 
 def get_state(model: nn.Module) -> QuantState:

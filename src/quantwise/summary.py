@@ -13,6 +13,7 @@ from quantwise.state import LayerRecord, get_state
 @dataclass
 class Summary:
     rows: list[LayerRecord]
+    graph: str = ""  # what the int8 graph path did (or why it did not apply)
 
     @property
     def quantized(self) -> list[LayerRecord]:
@@ -25,7 +26,8 @@ class Summary:
     def to_dict(self) -> dict:
         return {"layers": [r.to_dict() for r in self.rows],
                 "counts": {"quantized": len(self.quantized), "float": len(self.float_layers),
-                           "folded": sum(r.status == "folded" for r in self.rows)}}
+                           "folded": sum(r.status == "folded" for r in self.rows)},
+                "int8_graph": self.graph}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -44,6 +46,8 @@ class Summary:
         folded = len(self.rows) - len(self.quantized) - len(self.float_layers)
         lines.append(f"{len(self.quantized)} layers quantized, {len(self.float_layers)} kept float"
                      + (f", {folded} BatchNorm folded" if folded else ""))
+        if self.graph:
+            lines.append(self.graph)
         return "\n".join(lines)
 
 
@@ -56,4 +60,6 @@ def _note(record: LayerRecord) -> str:
 
 def summary(model: nn.Module) -> Summary:
     """Per-layer table of a prepared or quantized model; `print()` it or call `.to_json()`."""
-    return Summary(list(get_state(model).records.values()))
+    state = get_state(model)
+    graph = state.graph.line() if state.graph is not None else ""
+    return Summary(list(state.records.values()), graph)

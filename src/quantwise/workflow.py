@@ -24,12 +24,13 @@ from tqdm.auto import tqdm
 
 from quantwise.config import Config
 from quantwise.fold import find_conv_bn_pairs, fold_conv_bn
+from quantwise.int8graph import apply_int8_graph
 from quantwise.errors import CalibrationError, QuantwiseError, QuantwiseWarning
 from quantwise.modules import ObservedLayer, QuantizedLayer, SUPPORTED, kind_of, unsupported_reason
 from quantwise.modules import weight_spec_for
 from quantwise.modules.layers import conv_args
 from quantwise.numerics import qparams_from_range, quantize as quantize_tensor, tensor_range
-from quantwise.spec import QuantSpec
+from quantwise.spec import Format, QuantSpec
 from quantwise.state import LayerRecord, QuantState, get_state, set_state
 
 
@@ -163,8 +164,12 @@ def calibrate(model: nn.Module, data: Iterable[Any], progress: bool = True) -> n
     return model
 
 
-def convert(model: nn.Module) -> nn.Module:
-    """Replace observed layers with QuantizedLayers running real kernels (in place; returned)."""
+def convert(model: nn.Module, int8_graph: bool = True) -> nn.Module:
+    """Replace observed layers with QuantizedLayers running real kernels (in place; returned).
+
+    With `int8_graph` (default), a model that torch.fx traces also gets the int8 graph path
+    (quantwise.int8graph): fused conv+ReLU/add and uint8 activations between int8 convs.
+    """
     state = get_state(model)
     tied: dict[int, QuantizedLayer] = {}  # id(float weight) -> first layer quantizing it
     for obs in observed_layers(model):
@@ -174,6 +179,8 @@ def convert(model: nn.Module) -> nn.Module:
         _note(record, f"{folded[0]} folded in" if folded else None)
         model.set_submodule(obs.qname, qlayer if qlayer is not None else obs.module)
     state.stage = "converted"
+    if int8_graph:
+        apply_int8_graph(model, state)
     return model
 
 
@@ -207,9 +214,12 @@ def _convert_layer(obs: ObservedLayer, record: LayerRecord, tied: dict) -> Quant
     bias = getattr(module, "bias", None)
     layer_args = conv_args(module) if kind in ("conv", "conv_transpose") else {}
     dynamic = cfg.dynamic and act_spec is not None
+    output_qparams = _output_qparams(obs)
     qlayer = QuantizedLayer(kind, spec, act_spec, dynamic, tuple(weight.shape), tuple(scale.shape),
-                            None if bias is None else bias.numel(), layer_args)
-    qlayer.set_quantized(codes, scale, zp, None if bias is None else bias.detach(), input_qparams)
+                            None if bias is None else bias.numel(), layer_args,
+                            output_qparams=output_qparams is not None)
+    qlayer.set_quantized(codes, scale, zp, None if bias is None else bias.detach(), input_qparams,
+                         output_qparams)
     if owner is not None:
         qlayer.tie_weight(owner)
         _note(record, f"weight tied to {owner.qname!r}: quantized once, shared")
@@ -221,6 +231,17 @@ def _convert_layer(obs: ObservedLayer, record: LayerRecord, tied: dict) -> Quant
     record.kernel = qlayer.kernel_name
     _note(record, qlayer.fallback_reason)
     return qlayer
+
+
+_EDGE_SPEC = QuantSpec(Format.UINT8, symmetric=False)  # uint8 codes between int8 graph ops
+
+
+def _output_qparams(obs: ObservedLayer) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """uint8 affine qparams of the observed output range (None if not observed or empty)."""
+    cal = obs.out_calibrator
+    if cal is None or cal.num_seen - cal.num_nonfinite == 0:
+        return None
+    return qparams_from_range(*cal.compute_range(), _EDGE_SPEC)
 
 
 def _signed_if_needed(name: str, spec: QuantSpec, amin: torch.Tensor) -> tuple[QuantSpec, str | None]:
@@ -245,7 +266,8 @@ def _note(record: LayerRecord, note: str | None) -> None:
 
 
 def quantize(model: nn.Module, config: "Config | str" = "w8a8", calib_data: Iterable[Any] | None = None,
-             *, progress: bool = True, source: str | None = None) -> nn.Module:
+             *, progress: bool = True, source: str | None = None,
+             int8_graph: bool = True) -> nn.Module:
     """Quantize a copy of `model` with `config` (a Config, preset name or file path).
 
     `calib_data` is an iterable of model inputs (Tensor, tuple of Tensors, or dict of keyword
@@ -258,7 +280,7 @@ def quantize(model: nn.Module, config: "Config | str" = "w8a8", calib_data: Iter
     prepared = prepare(model, config, source=source)
     if needs_data:  # weight-only and dynamic configs have nothing to calibrate
         calibrate(prepared, calib_data, progress=progress)
-    return convert(prepared)
+    return convert(prepared, int8_graph=int8_graph)
 
 
 def _needs_calibration(model: nn.Module, config: Config) -> bool:

@@ -187,3 +187,49 @@ class OneDnnConv:
 
     def nbytes(self) -> int:
         return self.weight_numel + tensor_bytes(self.w_scale, self.w_zero_point, self.bias)
+
+    # -- the int8 graph path (quantwise.int8graph): uint8 codes in and out, fused post-ops ----
+    @property
+    def fusable(self) -> bool:
+        """Whether run_fused applies: a static direct 2-D conv whose padding oneDNN does."""
+        return (self.static and self.dim == 2 and not self.geom.transposed and not self.widen
+                and not any(self.in_pad))
+
+    @property
+    def input_qparams(self) -> tuple[float, int]:
+        """(scale, zero point) of the uint8 input codes this conv was calibrated for."""
+        return self.quant.scale, self.quant.zero_point
+
+    @property
+    def takes_full_range_codes(self) -> bool:
+        """True when the input codes span 0..255, so any uint8 edge with these qparams fits."""
+        return self.quant.lo == 0 and self.quant.hi == 255
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        """float32 input -> its uint8 codes, channels_last (what run_fused takes)."""
+        return self.quant(x.float(), memory_format=torch.channels_last)
+
+    def output_size(self, x: torch.Tensor) -> tuple[int, ...]:
+        g = self.geom
+        return (x.shape[0], self.out_channels,
+                *[(n + 2 * p - d * (k - 1) - 1) // s + 1 for n, p, d, k, s in
+                  zip(x.shape[2:], self.padding, g.dilation, self.kernel_size, g.stride)])
+
+    def run_fused(self, xq: torch.Tensor, out_q: Optional[tuple[float, int]], relu: bool,
+                  accum: Optional[torch.Tensor] = None,
+                  accum_q: Optional[tuple[float, int]] = None) -> torch.Tensor:
+        """relu?(conv(xq) + accum?) from uint8 channels_last codes `xq` (this conv's input
+        qparams), requantized by oneDNN to uint8 with `out_q` = (scale, zero point), or float32
+        when `out_q` is None. With uint8 output, `accum` is uint8 with `accum_q` and is
+        overwritten with the result (oneDNN's in-place sum); with float output it is float32."""
+        phase = self.phases[0]
+        xs, xzp = self.quant.scale, self.quant.zero_point
+        os_, ozp, dtype = (1.0, 0, torch.float32) if out_q is None else (out_q[0], out_q[1], None)
+        common = (phase["packed"], self.w_scale, self.w_zero_point)
+        geo = (phase["stride"], phase["op_pad"], phase["dil"], self.geom.groups)
+        attr = "relu" if relu else "none"
+        if accum is None:
+            return self.op(xq, xs, xzp, *common, self.bias, *geo, os_, ozp, dtype, attr, [], "")
+        a_s, a_zp = (1.0, 0) if out_q is None else accum_q
+        return self.op.binary(xq, xs, xzp, *common, accum, self.bias, *geo, os_, ozp, dtype,
+                              a_s, a_zp, "sum", 1.0, attr, [], "")

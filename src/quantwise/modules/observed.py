@@ -1,6 +1,8 @@
 """ObservedLayer: wraps a float layer between prepare() and convert().
 
-mode "observe": feed the layer's input to its calibrator, then run the float layer.
+mode "observe": feed the layer's input to its calibrator, then run the float layer (a static
+conv also feeds its output to a second calibrator: the int8 graph path needs the range of
+outputs that no quantized layer consumes directly, e.g. a downsample conv before a residual add).
 mode "float": run the float layer untouched.
 mode "fake": simulate quantization in float (input and weight fake-quantized with the
 current calibration): for analysis and tests, never reported as a deployment result.
@@ -34,6 +36,9 @@ class ObservedLayer(nn.Module):
             if layer_config.calibrator in ("entropy", "mse") and act.format.value == "uint8":
                 args.setdefault("num_quant_levels", 256)  # unsigned int8 has 256 levels
             self.calibrator = make_calibrator(layer_config.calibrator, **args)
+        self.out_calibrator: Calibrator | None = None
+        if self.calibrator is not None and type(module) in (nn.Conv1d, nn.Conv2d):
+            self.out_calibrator = make_calibrator(layer_config.calibrator, **args)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.mode == "observe":
@@ -41,6 +46,10 @@ class ObservedLayer(nn.Module):
             self.calls += 1
             if self.calibrator is not None:
                 self.calibrator.update(x.detach())
+            if self.out_calibrator is not None:
+                y = self.module(x, *args, **kwargs)
+                self.out_calibrator.update(y.detach())
+                return y
         elif self.mode == "fake":
             return self._fake_forward(x, *args, **kwargs)
         return self.module(x, *args, **kwargs)

@@ -23,7 +23,7 @@ _PACKED = (Format.INT4, Format.UINT4)
 class QuantizedLayer(nn.Module):
     def __init__(self, kind: str, weight_spec: QuantSpec, act_spec: QuantSpec | None, dynamic: bool,
                  weight_shape: tuple[int, ...], scale_shape: tuple[int, ...], bias_size: int | None,
-                 layer_args: dict[str, Any]) -> None:
+                 layer_args: dict[str, Any], output_qparams: bool = False) -> None:
         super().__init__()
         self.kind = kind
         self.weight_spec = weight_spec
@@ -46,13 +46,17 @@ class QuantizedLayer(nn.Module):
         if act_spec is not None and not dynamic:
             self.register_buffer("input_scale", torch.ones((), dtype=torch.float32))
             self.register_buffer("input_zero_point", torch.zeros((), dtype=torch.int32))
+        if output_qparams:  # calibrated uint8 range of the output, for the int8 graph path
+            self.register_buffer("output_scale", torch.ones((), dtype=torch.float32))
+            self.register_buffer("output_zero_point", torch.zeros((), dtype=torch.int32))
         self.kernel: Kernel | None = None
         self.qname = ""
         self.tied_to: str | None = None  # name of the layer whose quantized weight this one shares
 
     # -- construction --------------------------------------------------------------------------
     def set_quantized(self, codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
-                      bias: torch.Tensor | None, input_qparams: tuple | None) -> None:
+                      bias: torch.Tensor | None, input_qparams: tuple | None,
+                      output_qparams: tuple | None = None) -> None:
         """Fill the buffers from unpacked codes and qparams, then build the kernel."""
         self.weight = (pack_int4(codes.reshape(codes.shape[0], -1)) if self.weight_spec.format in _PACKED
                        else codes.contiguous())
@@ -64,6 +68,9 @@ class QuantizedLayer(nn.Module):
         if input_qparams is not None:
             self.input_scale = input_qparams[0].to(torch.float32).reshape(())
             self.input_zero_point = input_qparams[1].to(torch.int32).reshape(())
+        if output_qparams is not None:
+            self.output_scale = output_qparams[0].to(torch.float32).reshape(())
+            self.output_zero_point = output_qparams[1].to(torch.int32).reshape(())
         self.build_kernel()
 
     def tie_weight(self, owner: "QuantizedLayer") -> None:
@@ -100,6 +107,18 @@ class QuantizedLayer(nn.Module):
             self.kernel = make_linear_kernel(*args)
         else:
             self.kernel = make_conv_kernel(*args, **self.layer_args)
+
+    def __getstate__(self) -> dict:
+        # oneDNN's prepacked weights are opaque (no storage to copy): copies rebuild the kernel
+        # from the canonical buffers, so deepcopy(model) works and stays bit-identical.
+        state = self.__dict__.copy()
+        state["kernel"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        if self.kind != "embedding":
+            self.build_kernel()
 
     # -- run -----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -140,6 +159,13 @@ class QuantizedLayer(nn.Module):
         return self.kernel.name
 
     @property
+    def output_qparams(self) -> tuple[float, int] | None:
+        """Calibrated (scale, zero point) of the uint8 output codes, if they were observed."""
+        if not hasattr(self, "output_scale"):
+            return None
+        return float(self.output_scale), int(self.output_zero_point)
+
+    @property
     def fallback_reason(self) -> str | None:
         return None if self.kernel is None else self.kernel.fallback_reason
 
@@ -149,7 +175,7 @@ class QuantizedLayer(nn.Module):
                 "act_spec": self.act_spec.to_dict() if self.act_spec else None,
                 "dynamic": self.dynamic, "weight_shape": list(self.weight_shape),
                 "scale_shape": list(self.weight_scale.shape), "bias_size": None if self.bias is None else self.bias.numel(),
-                "tied_to": self.tied_to,
+                "tied_to": self.tied_to, "output_qparams": hasattr(self, "output_scale"),
                 "layer_args": {k: list(v) if isinstance(v, tuple) else v for k, v in self.layer_args.items()}}
 
     @classmethod
@@ -157,7 +183,8 @@ class QuantizedLayer(nn.Module):
         args = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["layer_args"].items()}
         act = QuantSpec.from_dict(meta["act_spec"]) if meta["act_spec"] else None
         return cls(meta["kind"], QuantSpec.from_dict(meta["weight_spec"]), act, meta["dynamic"],
-                   tuple(meta["weight_shape"]), tuple(meta["scale_shape"]), meta["bias_size"], args)
+                   tuple(meta["weight_shape"]), tuple(meta["scale_shape"]), meta["bias_size"], args,
+                   output_qparams=bool(meta.get("output_qparams", False)))
 
     def extra_repr(self) -> str:
         return f"{self.kind}, weight={tuple(self.weight_shape)}, kernel={self.kernel_name!r}"

@@ -1,0 +1,375 @@
+"""The int8 graph path for CNNs: uint8 activations flow between fused int8 convolutions.
+
+After convert(), every static int8 conv quantizes its float input and returns float32. For a
+model that torch.fx can trace, this pass rewrites the forward so that
+
+- conv -> ReLU runs as one oneDNN call (ReLU fused into the requantizing epilogue);
+- conv -> add(other) [-> ReLU] (a residual connection) runs as one call that adds `other`
+  inside the conv's epilogue (oneDNN's in-place sum post-op);
+- a conv whose every consumer is a static int8 conv calibrated with the same input qparams
+  (directly, through max-pools, or as the residual input of a fused add) writes uint8 codes
+  with those qparams instead of float32: the consumer skips its quantization pass, and 4x
+  fewer bytes move between layers. Max-pool commutes with a monotone quantizer, so it runs on
+  the codes and is exact;
+- everything else (pooling to float, flatten, Linear...) sees float32, as before.
+
+The rewrite changes only `model.forward` (the model keeps its class, modules and state_dict),
+so save/load are unaffected; load() replays this pass. Fused outputs differ from the per-layer
+path by float rounding in oneDNN's requantization (at most one code on an edge), and the
+residual input of a fused add is the consumer-quantized tensor rather than the float one.
+"""
+
+from __future__ import annotations
+
+import operator
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from quantwise.errors import QuantwiseWarning
+from quantwise.modules import QuantizedLayer
+from quantwise.state import QuantState
+
+Q = tuple[float, int]  # (scale, zero point) of uint8 codes on an edge
+
+_RELU_FUNCS = (F.relu, torch.relu, torch.relu_)
+_ADD_FUNCS = (operator.add, operator.iadd, torch.add)
+
+
+@dataclass
+class GraphReport:
+    """What the pass did, for summary(): applied or why not, and counts."""
+
+    applied: bool
+    reason: str = ""
+    fused: dict[str, str] = field(default_factory=dict)  # layer name -> what runs fused
+    uint8_edges: int = 0
+    uint8_pools: int = 0
+
+    def line(self) -> str:
+        if not self.applied:
+            return f"int8 graph path: not applied ({self.reason})"
+        adds = sum("add" in v for v in self.fused.values())
+        relus = sum("ReLU" in v for v in self.fused.values())
+        return (f"int8 graph path: {len(self.fused)} convs fused ({relus} with ReLU, {adds} with "
+                f"the residual add), {self.uint8_edges} uint8 outputs between layers, "
+                f"{self.uint8_pools} max-pools on uint8 codes")
+
+
+class _Tracer(fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, QuantizedLayer) or super().is_leaf_module(m, qualname)
+
+
+def _fusable(layer: Any) -> bool:
+    kernel = getattr(layer, "kernel", None)
+    return (isinstance(layer, QuantizedLayer) and layer.kind == "conv"
+            and getattr(kernel, "fusable", False) and kernel.fallback_reason is None)
+
+
+# -- runtime ops (call_module targets in the rewritten graph) ------------------------------------
+
+class FusedConv(nn.Module):
+    """relu?(conv(x) + accum?) of one QuantizedLayer; uint8 or float32 in, out and accum."""
+
+    def __init__(self, layer: QuantizedLayer, relu: bool, out_q: Optional[Q],
+                 accum_q: Optional[Q], accum_reused: bool) -> None:
+        super().__init__()
+        object.__setattr__(self, "layer", layer)  # not a submodule: the model owns it
+        self.relu, self.out_q, self.accum_q, self.accum_reused = relu, out_q, accum_q, accum_reused
+
+    def forward(self, x: torch.Tensor, accum: Optional[torch.Tensor] = None) -> torch.Tensor:
+        kernel = self.layer.kernel
+        if x.dim() != 4 or (accum is not None and tuple(accum.shape) != kernel.output_size(x)):
+            return self._unfused(x, accum)  # e.g. an unbatched input or a broadcasting add
+        xq = x if x.dtype == torch.uint8 else kernel.quantize_input(x)
+        if accum is not None:
+            accum = self._accum(accum)
+        return kernel.run_fused(xq.contiguous(memory_format=torch.channels_last), self.out_q,
+                                self.relu, accum, self.out_q if self.accum_q is None else self.accum_q)
+
+    def _accum(self, a: torch.Tensor) -> torch.Tensor:
+        cl = torch.channels_last
+        if self.out_q is None:  # float output: oneDNN wants a float accumulator (scale 1)
+            return (_dequantize(a, self.accum_q) if a.dtype == torch.uint8 else a.float()).contiguous(memory_format=cl)
+        if a.dtype != torch.uint8:  # a float residual feeding a uint8 output: codes of out_q
+            return _quantize(a, self.out_q).contiguous(memory_format=cl)
+        if self.accum_reused or not a.is_contiguous(memory_format=cl):
+            return a.contiguous(memory_format=cl) if not a.is_contiguous(memory_format=cl) else a.clone(memory_format=cl)
+        return a  # consumed: oneDNN writes the result into it
+
+    def _unfused(self, x: torch.Tensor, accum: Optional[torch.Tensor]) -> torch.Tensor:
+        """The same computation in float, op by op (rare shapes only)."""
+        kernel = self.layer.kernel
+        if x.dtype == torch.uint8:
+            x = _dequantize(x, kernel.input_qparams)
+        y = self.layer(x)
+        if accum is not None:
+            y = y + (_dequantize(accum, self.accum_q or self.out_q) if accum.dtype == torch.uint8 else accum)
+        if self.relu:
+            y = torch.relu(y)
+        return y if self.out_q is None else _quantize(y, self.out_q)
+
+
+class Uint8MaxPool(nn.Module):
+    """Max-pool on uint8 codes (exact: quantization is monotone); float input passes through."""
+
+    def __init__(self, kernel_size, stride, padding, dilation, ceil_mode: bool) -> None:
+        super().__init__()
+        pair = nn.modules.utils._pair
+        self.args = ([*pair(kernel_size)], [*pair(stride if stride else kernel_size)],
+                     [*pair(padding)], [*pair(dilation)], bool(ceil_mode))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.uint8 or x.dim() != 4:
+            k, s, p, d, c = self.args
+            return F.max_pool2d(x, k, s, p, d, c)
+        # F.max_pool2d rejects uint8 channels_last; the quantized kernel takes NHWC codes.
+        # Its qparams are irrelevant for a max; the view shares storage.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # quantized tensors are deprecated API
+            q = torch._make_per_tensor_quantized_tensor(x, 1.0, 0)
+            return torch.ops.quantized.max_pool2d(q, *self.args).int_repr()
+
+
+def _dequantize(codes: torch.Tensor, q: Q) -> torch.Tensor:
+    return (codes.float() - q[1]) * q[0]
+
+
+def _quantize(x: torch.Tensor, q: Q) -> torch.Tensor:
+    t = torch.div(x.float(), torch.tensor(q[0], dtype=torch.float32)).round_().add_(q[1])
+    return t.clamp_(0, 255).to(torch.uint8)
+
+
+# -- pattern matching ----------------------------------------------------------------------------
+
+def _is_relu(node: fx.Node, modules: dict) -> bool:
+    if node.op == "call_module":
+        return type(modules.get(node.target)) is nn.ReLU
+    if node.op == "call_function":
+        return node.target in _RELU_FUNCS
+    return node.op == "call_method" and node.target in ("relu", "relu_")
+
+
+def _is_add(node: fx.Node) -> bool:
+    if len(node.args) != 2 or any(k not in ("inplace",) for k in node.kwargs):
+        return False
+    if node.op == "call_function":
+        return node.target in _ADD_FUNCS
+    return node.op == "call_method" and node.target in ("add", "add_", "__add__", "__iadd__")
+
+
+def _pool_args(node: fx.Node, modules: dict) -> Optional[tuple]:
+    """(kernel, stride, padding, dilation, ceil_mode) of a 2-D max-pool node, else None."""
+    if node.op == "call_module":
+        m = modules.get(node.target)
+        if type(m) is nn.MaxPool2d and not m.return_indices:
+            return m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode
+        return None
+    if node.op == "call_function" and node.target in (F.max_pool2d, torch.max_pool2d):
+        names = ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
+        values = dict(zip(("input", *names), node.args)) | dict(node.kwargs)
+        if values.get("return_indices") or "kernel_size" not in values:
+            return None
+        if not all(isinstance(values.get(k, 0), (int, tuple, list, bool, type(None))) for k in names):
+            return None
+        return (values["kernel_size"], values.get("stride"), values.get("padding", 0),
+                values.get("dilation", 1), values.get("ceil_mode", False))
+    return None
+
+
+def _single_user(node: fx.Node) -> Optional[fx.Node]:
+    users = list(node.users)
+    return users[0] if len(users) == 1 else None
+
+
+@dataclass
+class _Group:
+    conv: fx.Node
+    layer: QuantizedLayer
+    tail: fx.Node                 # the node whose value the fused op produces
+    relu: bool = False
+    add: Optional[fx.Node] = None
+    accum: Optional[fx.Node] = None
+    nodes: list = field(default_factory=list)  # matched nodes, conv first
+
+
+def _groups(graph: fx.Graph, modules: dict) -> dict[fx.Node, _Group]:
+    """conv [-> ReLU] or conv -> add(other) [-> ReLU] chains; keyed by their tail node."""
+    groups: dict[fx.Node, _Group] = {}
+    claimed: set[fx.Node] = set()
+    for node in graph.nodes:
+        if node.op != "call_module" or not _fusable(modules.get(node.target)) or node in claimed:
+            continue
+        if len(node.args) != 1 or node.kwargs:
+            continue
+        g = _Group(node, modules[node.target], node, nodes=[node])
+        user = _single_user(node)
+        if user is not None and _is_relu(user, modules) and user.args[0] is node:
+            g.relu, g.tail = True, user
+            g.nodes.append(user)
+        elif user is not None and _is_add(user) and user not in claimed:
+            other = user.args[1] if user.args[0] is node else user.args[0]
+            if isinstance(other, fx.Node) and other is not node:
+                g.add, g.accum, g.tail = user, other, user
+                g.nodes.append(user)
+                claimed.add(user)
+                relu = _single_user(user)
+                if relu is not None and _is_relu(relu, modules) and relu.args[0] is user:
+                    g.relu, g.tail = True, relu
+                    g.nodes.append(relu)
+        claimed.update(g.nodes)
+        groups[g.tail] = g
+    return groups
+
+
+def _decide(graph: fx.Graph, groups: dict[fx.Node, _Group], pools: dict[fx.Node, tuple]
+            ) -> dict[fx.Node, Optional[Q]]:
+    """Which values travel as uint8 codes, and with which qparams (None: float32)."""
+    by_conv = {g.conv: g for g in groups.values()}
+    by_add = {g.add: g for g in groups.values() if g.add is not None}
+    decision: dict[fx.Node, Optional[Q]] = {}
+    any_q = object()
+    for node in reversed(list(graph.nodes)):
+        if node not in groups and node not in pools:
+            continue
+        wants = []
+        for user in node.users:
+            if user in by_conv and user.args[0] is node:
+                kernel = by_conv[user].layer.kernel
+                wants.append(kernel.input_qparams if kernel.takes_full_range_codes else None)
+            elif user in by_add and by_add[user].accum is node:
+                wants.append(any_q)
+            elif user in pools:
+                wants.append(decision.get(user))
+            else:
+                wants.append(None)
+        fixed = {w for w in wants if w is not any_q}
+        if None in fixed or len(fixed) > 1:
+            decision[node] = None
+        elif fixed:
+            decision[node] = fixed.pop()
+        elif node in groups and not groups[node].relu and groups[node].add is None:
+            decision[node] = groups[node].layer.output_qparams  # observed at calibration
+        else:
+            decision[node] = None
+    for node in graph.nodes:  # a pool runs on codes only if its input arrives as codes
+        if node in pools:
+            source = node.args[0]
+            if decision.get(node) is not None and decision.get(source) != decision[node]:
+                decision[node] = None
+    return decision
+
+
+# -- the pass ------------------------------------------------------------------------------------
+
+def apply_int8_graph(model: nn.Module, state: QuantState) -> GraphReport:
+    """Rewrite `model.forward` into the int8 graph (in place); say what was done or why not."""
+    if not any(_fusable(m) for m in model.modules()):
+        report = GraphReport(False, "no static int8 conv to fuse")
+    else:
+        try:
+            report = _rewrite(model, state)
+        except Exception as exc:  # noqa: BLE001 - tracing fails on dynamic control flow: keep per-layer
+            first = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+            report = GraphReport(False, f"torch.fx could not trace the model ({first}); "
+                                        "every layer runs on its own kernel")
+    state.graph = report
+    return report
+
+
+def _rewrite(model: nn.Module, state: QuantState) -> GraphReport:
+    graph = _Tracer().trace(model)
+    gm = fx.GraphModule(model, graph, class_name=type(model).__name__ + "Int8Graph")
+    graph, modules = gm.graph, dict(gm.named_modules())
+    for node in list(graph.nodes):  # folded BatchNorms left nn.Identity behind
+        if node.op == "call_module" and type(modules.get(node.target)) is nn.Identity and not node.kwargs:
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+    groups = _groups(graph, modules)
+    if not groups:
+        return GraphReport(False, "no conv in the traced graph can run fused")
+    pools = {n: a for n in graph.nodes if (a := _pool_args(n, modules)) is not None}
+    decision = _decide(graph, groups, pools)
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    plans = []  # everything read from the original graph before it changes
+    for tail, g in groups.items():
+        reused = g.accum is not None and any(
+            order[u] > order[g.add] for u in g.accum.users if u is not g.add)
+        accum_q = decision.get(g.accum) if g.accum is not None else None
+        plans.append((tail, g, FusedConv(g.layer, g.relu, decision[tail], accum_q, reused)))
+    report = GraphReport(True)
+    for tail, g, op in plans:
+        name = "int8_" + g.conv.name  # node names are unique; a layer may be called twice
+        gm.add_submodule(name, op)
+        args = (g.conv.args[0],)  # current args: earlier rewrites replaced their producers
+        if g.add is not None:
+            args += (g.add.args[1] if g.add.args[0] is g.conv else g.add.args[0],)
+        with graph.inserting_after(tail):
+            new = graph.call_module(name, args)
+        tail.replace_all_uses_with(new)
+        for node in reversed(g.nodes):
+            graph.erase_node(node)
+        report.fused[g.conv.target] = _describe(op, g)
+        report.uint8_edges += op.out_q is not None
+    for node, args in pools.items():
+        if decision.get(node) is None:
+            continue
+        name = "uint8_pool_" + node.name
+        gm.add_submodule(name, Uint8MaxPool(*args))
+        with graph.inserting_after(node):
+            new = graph.call_module(name, (node.args[0],))
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        report.uint8_pools += 1
+    graph.lint()
+    gm.recompile()
+    _install(model, gm)
+    for name, what in report.fused.items():
+        record = state.records.get(name)
+        if record is not None:
+            record.kernel = f"[int8 graph: {what}] {model.get_submodule(name).kernel_name}"
+    return report
+
+
+def _describe(op: FusedConv, g: _Group) -> str:
+    parts = ["+ residual add" if g.add is not None else "", "+ ReLU" if g.relu else ""]
+    fused = " ".join(p for p in parts if p)
+    out = "uint8 out" if op.out_q is not None else "float32 out"
+    return f"conv {fused} fused, {out}".replace("  ", " ")
+
+
+class _GraphForward:
+    """model.forward: the rewritten graph; on any error, warn once and run per layer again."""
+
+    def __init__(self, gm: fx.GraphModule, original) -> None:
+        self.gm, self.original, self.failed = gm, original, False
+
+    def __call__(self, *args, **kwargs):
+        if self.failed:
+            return self.original(*args, **kwargs)
+        try:
+            return self.gm(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - never worse than the per-layer path
+            out = self.original(*args, **kwargs)  # a bad input raises here, as it would anyway
+            self.failed = True
+            warnings.warn(f"the int8 graph path failed ({str(exc).splitlines()[0][:200]}) where "
+                          "the per-layer path works; this model runs layer by layer from now on",
+                          QuantwiseWarning, stacklevel=2)
+            return out
+
+
+def _install(model: nn.Module, gm: fx.GraphModule) -> None:
+    original = type(model).forward.__get__(model)
+    # An instance attribute shadows the class's forward; nn.Module.__call__ (hooks included)
+    # calls it. Not a submodule: state_dict and named_modules stay those of the model.
+    object.__setattr__(model, "forward", _GraphForward(gm, original))
+
+
+def remove_int8_graph(model: nn.Module) -> None:
+    """Back to layer-by-layer execution (the model's own forward)."""
+    model.__dict__.pop("forward", None)
