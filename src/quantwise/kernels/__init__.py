@@ -209,7 +209,7 @@ def make_conv_kernel(weight_codes: torch.Tensor, weight_scale: torch.Tensor,
                             "oneDNN qconv does not take; runs as float32 simulation")
         kernel = OneDnnConv(_codes(weight_codes, fmt), w_scale, bias, act, geom, pad,
                             weight_label=fmt.value)
-        kernel(_conv_probe(weight_codes, geom, pad))
+        kernel.probe(_conv_probe(weight_codes, geom, pad))
         return kernel
     except _Fallback as fb:
         return FallbackConv(weight_codes, weight_scale, weight_zero_point, weight_spec, bias, act,
