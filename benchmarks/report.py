@@ -59,6 +59,8 @@ def _notes(row: dict[str, Any], rows_expected: int) -> str:
             if info.get(cat):
                 why = "; ".join(info.get(f"{cat}_reasons", {}))[:110].replace("|", "/")
                 notes.append(f"{info[cat]} {label} ({why})")
+    if info.get("int8_graph"):
+        notes.append("int8 graph: " + info["int8_graph"].split(", ")[0])
     if "int8_conv" in info:  # ORT optimized graph: how many products really run in int8
         parts = [f"{kind} {info[key]}" for kind, key in (("Conv", "int8_conv"), ("MatMul/Gemm", "int8_matmul"))
                  if not info[key].endswith("/0")]

@@ -81,7 +81,10 @@ def quantwise_preset(preset: str, case: Case, ctx: dict[str, Any]) -> System:
     qmodel = quantwise.quantize(copy.deepcopy(case.model), preset, case.calib, progress=False)
     folder = ctx["tmp"] / "quantwise" / f"{case.name}-{preset}"
     quantwise.save(qmodel, folder)
-    info = layer_counts(quantwise.summary(qmodel).rows)
+    summary = quantwise.summary(qmodel)
+    info = layer_counts(summary.rows)
+    if summary.graph.startswith("int8 graph path: ") and "not applied" not in summary.graph:
+        info["int8_graph"] = summary.graph.removeprefix("int8 graph path: ")
     return torch_system(f"quantwise {preset}", qmodel, size_bytes=folder_bytes(folder),
                         size_note="quantwise.save folder", info=info)
 

@@ -252,5 +252,5 @@ def test_a_failing_graph_falls_back_with_a_warning(resnet, monkeypatch):
 
 def test_graph_can_be_turned_off(resnet):
     model, calib, _ = resnet
-    q = quantwise.quantize(model, "w8a8", calib, progress=False, int8_graph=False)
+    q = quantwise.quantize(model, "w8a8", calib, progress=False, fuse=False)
     assert get_state(q).graph is None and "forward" not in q.__dict__

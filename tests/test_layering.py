@@ -10,7 +10,7 @@ LEVELS = {
     "numerics": 1, "metrics": 1, "models": 1, "data": 1,
     "calibrators": 2, "config": 2,
     "kernels": 3, "modules": 3, "state": 3,
-    "workflow": 4, "int8graph": 4, "fold": 3,
+    "workflow": 4, "int8graph": 4, "encoder": 4, "fold": 3,
     "io": 5, "summary": 5, "evaluate": 5,
     "job": 6, "cli": 6, "__init__": 7, "__main__": 7,
 }

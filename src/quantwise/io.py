@@ -27,6 +27,7 @@ from quantwise.config import Config
 from quantwise.errors import CheckpointError, OutputPathError
 from quantwise.fileio import atomic_write_text
 from quantwise.fold import fold_conv_bn
+from quantwise.encoder import apply_encoder_fastpath
 from quantwise.int8graph import apply_int8_graph
 from quantwise.models.registry import load_model
 from quantwise.modules import QuantizedLayer
@@ -144,7 +145,7 @@ def read_metadata(folder: str | Path) -> dict[str, Any]:
     return meta
 
 
-def load(folder: str | Path, model: nn.Module | None = None, int8_graph: bool = True) -> nn.Module:
+def load(folder: str | Path, model: nn.Module | None = None, fuse: bool = True) -> nn.Module:
     """Rebuild a saved quantized model on a copy of its float model (`model` is untouched).
 
     `model` may be omitted when the checkpoint records a built-in or loadable source.
@@ -185,8 +186,9 @@ def load(folder: str | Path, model: nn.Module | None = None, int8_graph: bool = 
     state = QuantState(Config.from_dict(meta["config"]), records, meta.get("source"),
                        stage="converted", folded=folded)
     set_state(qmodel, state)
-    if int8_graph:
+    if fuse:
         apply_int8_graph(qmodel, state)
+        apply_encoder_fastpath(qmodel, state)
     return qmodel.eval()
 
 

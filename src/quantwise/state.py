@@ -40,6 +40,7 @@ class QuantState:
     stage: str = "prepared"         # "prepared", "calibrated", "converted"
     folded: list[tuple[str, str]] = field(default_factory=list)  # (conv, batchnorm) pairs
     graph: Any = None               # int8graph.GraphReport once convert()/load() ran the pass
+    encoder: Any = None             # encoder.EncoderReport, likewise
 
 
 def get_state(model: nn.Module) -> QuantState:

@@ -61,5 +61,6 @@ def _note(record: LayerRecord) -> str:
 def summary(model: nn.Module) -> Summary:
     """Per-layer table of a prepared or quantized model; `print()` it or call `.to_json()`."""
     state = get_state(model)
-    graph = state.graph.line() if state.graph is not None else ""
+    lines = [r.line() for r in (state.graph, state.encoder) if r is not None]
+    graph = "\n".join(line for line in lines if line)
     return Summary(list(state.records.values()), graph)

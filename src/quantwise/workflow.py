@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from quantwise.config import Config
 from quantwise.fold import find_conv_bn_pairs, fold_conv_bn
+from quantwise.encoder import apply_encoder_fastpath
 from quantwise.int8graph import apply_int8_graph
 from quantwise.errors import CalibrationError, QuantwiseError, QuantwiseWarning
 from quantwise.modules import ObservedLayer, QuantizedLayer, SUPPORTED, kind_of, unsupported_reason
@@ -164,11 +165,12 @@ def calibrate(model: nn.Module, data: Iterable[Any], progress: bool = True) -> n
     return model
 
 
-def convert(model: nn.Module, int8_graph: bool = True) -> nn.Module:
+def convert(model: nn.Module, fuse: bool = True) -> nn.Module:
     """Replace observed layers with QuantizedLayers running real kernels (in place; returned).
 
-    With `int8_graph` (default), a model that torch.fx traces also gets the int8 graph path
-    (quantwise.int8graph): fused conv+ReLU/add and uint8 activations between int8 convs.
+    With `fuse` (default), fusions across layers are installed where they apply: the int8
+    graph path for CNNs that torch.fx traces (int8graph: fused conv+ReLU/add, uint8 activations
+    between int8 convs) and the encoder fast path for BERT-style layers (encoder).
     """
     state = get_state(model)
     tied: dict[int, QuantizedLayer] = {}  # id(float weight) -> first layer quantizing it
@@ -179,8 +181,9 @@ def convert(model: nn.Module, int8_graph: bool = True) -> nn.Module:
         _note(record, f"{folded[0]} folded in" if folded else None)
         model.set_submodule(obs.qname, qlayer if qlayer is not None else obs.module)
     state.stage = "converted"
-    if int8_graph:
+    if fuse:
         apply_int8_graph(model, state)
+        apply_encoder_fastpath(model, state)
     return model
 
 
@@ -267,7 +270,7 @@ def _note(record: LayerRecord, note: str | None) -> None:
 
 def quantize(model: nn.Module, config: "Config | str" = "w8a8", calib_data: Iterable[Any] | None = None,
              *, progress: bool = True, source: str | None = None,
-             int8_graph: bool = True) -> nn.Module:
+             fuse: bool = True) -> nn.Module:
     """Quantize a copy of `model` with `config` (a Config, preset name or file path).
 
     `calib_data` is an iterable of model inputs (Tensor, tuple of Tensors, or dict of keyword
@@ -280,7 +283,7 @@ def quantize(model: nn.Module, config: "Config | str" = "w8a8", calib_data: Iter
     prepared = prepare(model, config, source=source)
     if needs_data:  # weight-only and dynamic configs have nothing to calibrate
         calibrate(prepared, calib_data, progress=progress)
-    return convert(prepared, int8_graph=int8_graph)
+    return convert(prepared, fuse=fuse)
 
 
 def _needs_calibration(model: nn.Module, config: Config) -> bool:

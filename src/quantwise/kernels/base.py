@@ -97,15 +97,16 @@ class StaticU8Quantizer:
         self.lo = spec.qmin + self.shift
         self.hi = spec.qmax + self.shift
 
-    def float_codes(self, x: torch.Tensor) -> torch.Tensor:
+    def float_codes(self, x: torch.Tensor, memory_format=torch.preserve_format) -> torch.Tensor:
         """The uint8 codes as float32 values (for writing straight into a padded buffer)."""
-        t = torch.div(x, self.scale_t).round_()
+        # The division writes in `memory_format`, so a layout change rides on the first pass.
+        t = torch.div(x, self.scale_t, out=torch.empty_like(x, memory_format=memory_format)).round_()
         if self.zero_point:
             t.add_(self.zero_point)
         return t.clamp_(self.lo, self.hi)
 
     def __call__(self, x: torch.Tensor, memory_format=torch.preserve_format) -> torch.Tensor:
-        return _to_dtype(self.float_codes(x), torch.uint8, memory_format)
+        return _to_dtype(self.float_codes(x, memory_format), torch.uint8, memory_format)
 
 
 class StaticI8Quantizer:

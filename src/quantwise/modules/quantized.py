@@ -135,6 +135,13 @@ class QuantizedLayer(nn.Module):
         return out if out.dtype == dtype else out.to(dtype)
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        if (self.weight_zero_point is None and self.weight_spec.format in (Format.INT8, Format.UINT8)
+                and self.weight_scale.dim() == 1 and self.weight_scale.numel() == self.weight_shape[0]):
+            # symmetric per-row 8-bit: one gather and one int8 x float32 multiply (the usual case)
+            flat = ids.reshape(-1)
+            rows = torch.index_select(self.weight, 0, flat)
+            scale = torch.index_select(self.weight_scale, 0, flat).unsqueeze(-1)
+            return torch.mul(rows, scale).view(*ids.shape, self.weight_shape[-1])
         rows = self.weight[ids]
         if self.weight_spec.format in _PACKED:
             rows = unpack_int4(rows, self.weight_shape[-1], self.weight_spec.format.is_signed)

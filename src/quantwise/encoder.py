@@ -1,0 +1,246 @@
+"""The encoder fast path: BERT-style layers whose Linears run per-token int8 GEMMs.
+
+Eager Hugging Face BERT layers quantize the same input three times (query, key, value), copy
+Q/K/V into head-major layouts, allocate every temporary afresh (on this machine the page
+faults of those allocations cost as much as the attention math), and run GELU out of place.
+For a layer whose six Linears are per-token dynamic int8 (`IntMMLinear`), this pass installs a
+forward that does the same math with:
+
+- one per-token quantization and one int8 GEMM for Q, K and V (weights concatenated once, the
+  1/sqrt(head_dim) scaling folded into Q's weight scales and bias);
+- a GEMM epilogue that writes Q/K/V straight into a head-major [3, B, heads, T, d] buffer, then
+  baddbmm (mask added inside), in-place softmax and bmm;
+- in-place GELU, in-place residual adds, and per-thread reusable buffers for the temporaries
+  (one set shared by all layers: the size of one layer's temporaries).
+
+Quantization codes and scales are those of the per-layer path (same function, same inputs);
+outputs differ only by float summation order (attention) and the folded scaling. The layer's own
+forward is kept: training mode, cross-attention, caches or unexpected arguments run it
+unchanged. Only `layer.forward` changes (an instance attribute); modules and state_dict do not.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quantwise.kernels.base import TINY
+from quantwise.kernels.int8_linear import IntMMLinear
+from quantwise.modules import QuantizedLayer
+from quantwise.state import QuantState
+
+
+_SCRATCH = threading.local()  # reusable temporaries of the fast layers, per thread
+
+
+@dataclass
+class EncoderReport:
+    layers: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)  # layer -> why it runs as before
+
+    def line(self) -> str:
+        if not self.layers and not self.skipped:
+            return ""
+        text = (f"encoder fast path: {len(self.layers)} BERT-style layers fused (one int8 GEMM for "
+                f"Q/K/V, head-major attention, reused buffers)")
+        if self.skipped:
+            first = next(iter(self.skipped.items()))
+            text += f"; {len(self.skipped)} not ({first[0]}: {first[1]})"
+        return text
+
+
+def _per_token_kernel(module: Any) -> Optional[IntMMLinear]:
+    kernel = getattr(module, "kernel", None)
+    if (isinstance(module, QuantizedLayer) and module.kind == "linear"
+            and isinstance(kernel, IntMMLinear) and not kernel.static and kernel.per_token
+            and kernel.w_zero_point is None):
+        return kernel
+    return None
+
+
+def _bert_parts(layer: nn.Module) -> Optional[dict]:
+    """The submodules of a BERT-style layer, or None if `layer` does not look like one."""
+    try:
+        att = layer.attention
+        parts = {"self": att.self, "q": att.self.query, "k": att.self.key, "v": att.self.value,
+                 "o": att.output.dense, "ln1": att.output.LayerNorm,
+                 "i": layer.intermediate.dense, "act": layer.intermediate.intermediate_act_fn,
+                 "f": layer.output.dense, "ln2": layer.output.LayerNorm}
+    except AttributeError:
+        return None
+    if not all(isinstance(parts[k], nn.LayerNorm) for k in ("ln1", "ln2")):
+        return None
+    return parts
+
+
+def _why_not(layer: nn.Module, parts: dict) -> Optional[str]:
+    if getattr(layer, "is_decoder", False) or getattr(layer, "add_cross_attention", False):
+        return "decoder / cross-attention layer"
+    if getattr(layer, "chunk_size_feed_forward", 0):
+        return "chunked feed-forward"
+    if not all(_per_token_kernel(parts[k]) for k in ("q", "k", "v", "o", "i", "f")):
+        return "its Linears are not all per-token dynamic int8 with symmetric weights"
+    heads = getattr(parts["self"], "num_attention_heads", None)
+    if not heads or parts["q"].weight_shape[0] % heads:
+        return "unknown number of attention heads"
+    if _gelu_approximation(parts["act"]) is None:
+        return f"activation {type(parts['act']).__name__} is not GELU"
+    return None
+
+
+def _gelu_approximation(act: nn.Module) -> Optional[str]:
+    if isinstance(act, nn.GELU):
+        return act.approximate
+    inner = getattr(act, "act", None)  # transformers' GELUActivation wraps F.gelu
+    if type(act).__name__ == "GELUActivation" and inner is F.gelu:
+        return "none"
+    return None
+
+
+def apply_encoder_fastpath(model: nn.Module, state: QuantState) -> EncoderReport:
+    report = EncoderReport()
+    for name, module in model.named_modules():
+        parts = _bert_parts(module)
+        if parts is None or not isinstance(parts["q"], QuantizedLayer):
+            continue
+        why = _why_not(module, parts)
+        if why:
+            report.skipped[name] = why
+            continue
+        original = type(module).forward.__get__(module)
+        object.__setattr__(module, "forward", FastBertLayer(module, parts, original))
+        report.layers.append(name)
+    state.encoder = report
+    return report
+
+
+class FastBertLayer:
+    """The installed forward of one BERT-style layer (see the module docstring)."""
+
+    def __init__(self, layer: nn.Module, parts: dict, original) -> None:
+        self.layer, self.original = layer, original
+        q, k, v = (parts[n].kernel for n in "qkv")
+        self.heads = parts["self"].num_attention_heads
+        hidden = parts["q"].weight_shape[0]
+        self.head_dim = hidden // self.heads
+        scaling = float(getattr(parts["self"], "scaling", 1.0 / math.sqrt(self.head_dim)))
+        # One [K, 3N] weight for the three projections; the per-layer kernels keep views into it.
+        fused = torch.cat([q.w_t, k.w_t, v.w_t], dim=1).contiguous()
+        n = hidden
+        q.w_t, k.w_t, v.w_t = fused[:, :n], fused[:, n:2 * n], fused[:, 2 * n:]
+        self.qkv_t = fused
+        zeros = torch.zeros(n)
+        self.qkv_scale = torch.cat([q.w_scale * scaling, k.w_scale, v.w_scale]).contiguous()
+        self.qkv_bias = torch.cat([(zeros if b is None else b) * m for b, m in
+                                   ((q.bias, scaling), (k.bias, 1.0), (v.bias, 1.0))]).contiguous()
+        self.o, self.i, self.f = parts["o"].kernel, parts["i"].kernel, parts["f"].kernel
+        self.ln1, self.ln2 = parts["ln1"], parts["ln2"]
+        self.gelu = _gelu_approximation(parts["act"])
+        self.qmax = q.qmax
+
+    # -- buffers -------------------------------------------------------------------------------
+    def _buf(self, key: str, shape: tuple, dtype=torch.float32) -> torch.Tensor:
+        # One set per thread, shared by every layer (they run one after another): the memory of
+        # one layer's temporaries, allocated once instead of on every call.
+        bufs = _SCRATCH.__dict__.setdefault("bufs", {})
+        t = bufs.get(key)
+        if t is None or t.shape != shape or t.dtype != dtype:
+            t = bufs[key] = torch.empty(shape, dtype=dtype)
+        return t
+
+    # -- pieces --------------------------------------------------------------------------------
+    def _quantize(self, x: torch.Tensor, key: str, inplace: bool = False):
+        """Per-token symmetric int8, exactly as kernels.base.dynamic_scale + quantize_symmetric_i8."""
+        scale = torch.maximum(x.amax(dim=1, keepdim=True), x.amin(dim=1, keepdim=True).neg_())
+        scale = scale.div_(self.qmax).clamp_(min=TINY)
+        t = torch.div(x, scale, out=x if inplace else self._buf("div" + key, x.shape))
+        codes = self._buf("q" + key, x.shape, torch.int8)
+        codes.copy_(t.round_())
+        return codes, scale
+
+    def _linear(self, codes, scale, w_t, w_scale, bias, key: str, out=None) -> torch.Tensor:
+        acc = torch._int_mm(codes, w_t, out=self._buf("acc" + key, (codes.shape[0], w_t.shape[1]),
+                                                     torch.int32))
+        y = acc.view(torch.float32)
+        y.copy_(acc)  # int32 -> float32 in place (see int8_linear._as_float_inplace)
+        y.mul_(scale)
+        if out is None:
+            return torch.addcmul(bias, y, w_scale, out=y) if bias is not None else y.mul_(w_scale)
+        tail = out.shape[2:]
+        torch.addcmul(bias.view(tail), y.view(out.shape), w_scale.view(tail), out=out)
+        return out
+
+    @staticmethod
+    def _mask(mask: Optional[torch.Tensor], b: int, heads: int, t: int):
+        """(per-key row mask [B*heads, 1, T] for baddbmm, or a full [B, 1, T, T] mask, or None)."""
+        if mask is None:
+            return None, None
+        if mask.dim() == 4 and mask.shape[1] == 1 and mask.shape[0] in (1, b) and mask.shape[-1] == t:
+            if mask.dtype != torch.float32:
+                return False, None
+            row = mask[:, :, :1, :]
+            if mask.shape[2] == 1 or torch.equal(mask, row.expand_as(mask)):
+                row = row.expand(b, heads, 1, t).reshape(b * heads, 1, t)
+                return row, None
+            return None, mask
+        return False, None
+
+    # -- forward -------------------------------------------------------------------------------
+    def __call__(self, hidden_states, attention_mask=None, encoder_hidden_states=None, *args,
+                 **kwargs):
+        plain = (not self.layer.training and encoder_hidden_states is None and not args
+                 and all(v is None or v is False for v in kwargs.values())
+                 and isinstance(hidden_states, torch.Tensor) and hidden_states.dim() == 3
+                 and hidden_states.dtype == torch.float32 and not hidden_states.requires_grad)
+        if plain:
+            b, t, _ = hidden_states.shape
+            row, full = self._mask(attention_mask, b, self.heads, t)
+            if row is not False:
+                with torch.no_grad():
+                    return self._fast(hidden_states, row, full)
+        return self.original(hidden_states, attention_mask, encoder_hidden_states, *args, **kwargs)
+
+    def _fast(self, hs: torch.Tensor, row, full) -> torch.Tensor:
+        b, t, hidden = hs.shape
+        m, nh, d = b * t, self.heads, self.head_dim
+        x = hs.reshape(m, hidden)
+        codes, scale = self._quantize(x, "h")
+        heads = self._buf("heads", (3, b, nh, t, d))
+        self._linear(codes, scale, self.qkv_t, self.qkv_scale, self.qkv_bias, "qkv",
+                     out=heads.permute(1, 3, 0, 2, 4))
+        q, k, v = (heads[j].view(b * nh, t, d) for j in range(3))
+        scores = self._buf("scores", (b * nh, t, t))
+        if row is not None:
+            torch.baddbmm(row, q, k.transpose(1, 2), out=scores)
+        else:
+            torch.bmm(q, k.transpose(1, 2), out=scores)
+            if full is not None:
+                scores.view(b, nh, t, t).add_(full)
+        torch.ops.aten._softmax.out(scores, -1, False, out=scores)
+        ctx = torch.bmm(scores, v, out=self._buf("ctx", (b * nh, t, d)))
+        tokens = self._buf("tokens", (b, t, nh, d))
+        tokens.permute(0, 2, 1, 3).copy_(ctx.view(b, nh, t, d))
+        codes, scale = self._quantize(tokens.view(m, hidden), "h")
+        o = self.o
+        y = self._linear(codes, scale, o.w_t, o.w_scale, o.bias, "o").add_(x)
+        h1 = F.layer_norm(y, (hidden,), self.ln1.weight, self.ln1.bias, self.ln1.eps)
+        codes, scale = self._quantize(h1, "h")
+        y = self._linear(codes, scale, self.i.w_t, self.i.w_scale, self.i.bias, "i")
+        torch.ops.aten.gelu_(y, approximate=self.gelu)
+        codes, scale = self._quantize(y, "i", inplace=True)
+        f = self.f
+        y = self._linear(codes, scale, f.w_t, f.w_scale, f.bias, "f").add_(h1)
+        out = F.layer_norm(y, (hidden,), self.ln2.weight, self.ln2.bias, self.ln2.eps)
+        return out.view(b, t, hidden)
+
+
+def remove_encoder_fastpath(model: nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module.__dict__.get("forward"), FastBertLayer):
+            del module.__dict__["forward"]
