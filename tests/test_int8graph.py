@@ -10,6 +10,7 @@ from torch import nn
 import quantwise
 from quantwise.int8graph import FusedConv, remove_int8_graph
 from quantwise.numerics import dequantize, quantize
+from quantwise.spec import Format, QuantSpec
 from quantwise.state import get_state
 
 
@@ -254,3 +255,28 @@ def test_graph_can_be_turned_off(resnet):
     model, calib, _ = resnet
     q = quantwise.quantize(model, "w8a8", calib, progress=False, fuse=False)
     assert get_state(q).graph is None and "forward" not in q.__dict__
+
+
+@pytest.mark.parametrize("k,s,p,ceil", [(3, 2, 1, False), (2, 2, 0, False), (3, 1, 1, False),
+                                        (3, 2, 0, True), (5, 3, 2, True), (1, 2, 0, False)])
+@pytest.mark.parametrize("size", [(1, 1), (7, 8), (9, 5)])
+def test_uint8_max_pool_equals_the_float_pool(k, s, p, ceil, size):
+    from quantwise.int8graph import Uint8MaxPool
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (2, 3, *size), dtype=torch.uint8, generator=g)
+    x = x.contiguous(memory_format=torch.channels_last)
+    try:
+        ref = nn.functional.max_pool2d(x.float(), k, s, p, 1, ceil)
+    except RuntimeError:
+        pytest.skip("geometry torch rejects")
+    y = Uint8MaxPool(k, s, p, 1, ceil)(x)
+    assert y.dtype == torch.uint8 and torch.equal(y.float(), ref)
+
+
+def test_small_channel_inputs_quantize_to_the_same_codes():
+    from quantwise.kernels.base import StaticAct, StaticU8Quantizer
+    quant = StaticU8Quantizer(StaticAct(0.0271, 129, QuantSpec(Format.UINT8, symmetric=False)))
+    x = torch.randn(2, 3, 17, 19) * 3
+    fast = quant(x, memory_format=torch.channels_last)  # planes quantized, then interleaved
+    slow = quant(x.contiguous(memory_format=torch.channels_last), memory_format=torch.channels_last)
+    assert fast.is_contiguous(memory_format=torch.channels_last) and torch.equal(fast, slow)

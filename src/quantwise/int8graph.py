@@ -149,19 +149,29 @@ class Uint8MaxPool(nn.Module):
         length = (-(-span // s) if self.ceil_mode else span // s) + 1
         if self.ceil_mode and (length - 1) * s >= n + p:
             length -= 1  # the last window must start inside the input or its left padding
-        shape = list(v.shape)
-        shape[dim] = length
-        out = torch.zeros(shape, dtype=torch.uint8)
+        taps = []
         for t in range(k):
             off = t * d - p  # output i reads input i * s + off
             lo = max(0, (-off + s - 1) // s)
             hi = min(length - 1, (n - 1 - off) // s)
-            if hi < lo:
-                continue
-            src = [slice(None)] * v.dim()
-            src[dim] = slice(lo * s + off, hi * s + off + 1, s)
+            if hi >= lo:
+                index = [slice(None)] * v.dim()
+                index[dim] = slice(lo * s + off, hi * s + off + 1, s)
+                taps.append((lo, hi, v[tuple(index)]))
+        full = [tap for tap in taps if tap[0] == 0 and tap[1] == length - 1]
+        if len(full) >= 2:  # start from taps that cover every output: no zero fill
+            out = torch.maximum(full[0][2], full[1][2])
+            taps = [tap for tap in taps if tap is not full[0] and tap is not full[1]]
+        elif full:
+            out = full[0][2].clone(memory_format=torch.contiguous_format)  # never a view of v
+            taps.remove(full[0])
+        else:
+            shape = list(v.shape)
+            shape[dim] = length
+            out = torch.zeros(shape, dtype=torch.uint8)  # 0: the smallest code
+        for lo, hi, src in taps:
             dst = out.narrow(dim, lo, hi - lo + 1)
-            torch.maximum(dst, v[tuple(src)], out=dst)
+            torch.maximum(dst, src, out=dst)
         return out
 
 
