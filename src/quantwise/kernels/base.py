@@ -84,8 +84,10 @@ def dynamic_act_problem(act: DynamicAct, allow_per_token: bool = True) -> Option
 class StaticU8Quantizer:
     """x -> uint8 codes for oneDNN, equal to numerics.quantize(x) + shift (shift 128 for int8).
 
-    Five vectorised passes (div, round, add, clamp, convert); the result keeps x's memory
-    format so channels-last activations stay channels-last.
+    Vectorised passes (div, round, add, clamp, convert, bit flip); the result keeps x's memory
+    format (or takes `memory_format`) so channels-last activations stay channels-last. The
+    codes are built 128 lower and converted to int8, then flipped to uint8: float32 -> int8 is
+    vectorised and float32 -> uint8 is not (0.055 vs 0.31 ms for 1.2M values, measured).
     """
 
     def __init__(self, act: StaticAct):
@@ -97,13 +99,13 @@ class StaticU8Quantizer:
         self.lo = spec.qmin + self.shift
         self.hi = spec.qmax + self.shift
 
-    def float_codes(self, x: torch.Tensor, memory_format=torch.preserve_format) -> torch.Tensor:
-        """The uint8 codes as float32 values (for writing straight into a padded buffer)."""
+    def shifted_codes(self, x: torch.Tensor, memory_format=torch.preserve_format) -> torch.Tensor:
+        """The uint8 codes minus 128, as float32 values (exact small integers)."""
         # The division writes in `memory_format`, so a layout change rides on the first pass.
         t = torch.div(x, self.scale_t, out=torch.empty_like(x, memory_format=memory_format)).round_()
-        if self.zero_point:
-            t.add_(self.zero_point)
-        return t.clamp_(self.lo, self.hi)
+        if self.zero_point != 128:
+            t.add_(self.zero_point - 128)
+        return t.clamp_(self.lo - 128, self.hi - 128)
 
     def __call__(self, x: torch.Tensor, memory_format=torch.preserve_format) -> torch.Tensor:
         if (memory_format is torch.channels_last and x.dim() == 4 and x.shape[1] <= 4
@@ -111,10 +113,16 @@ class StaticU8Quantizer:
             # Few channels (an image input): transposing to NHWC is a slow strided copy; quantize
             # in NCHW, then interleave the uint8 planes with one stack (0.68 vs 0.97 ms for
             # 8x3x224x224, measured).
-            codes = _to_dtype(self.float_codes(x), torch.uint8)
+            codes = u8_from_shifted(self.shifted_codes(x))
             planes = [codes[:, c] for c in range(codes.shape[1])]
             return torch.stack(planes, dim=-1).permute(0, 3, 1, 2)
-        return _to_dtype(self.float_codes(x, memory_format), torch.uint8, memory_format)
+        return u8_from_shifted(self.shifted_codes(x, memory_format), memory_format)
+
+
+def u8_from_shifted(t: torch.Tensor, memory_format=torch.preserve_format) -> torch.Tensor:
+    """float32 codes in [-128, 127] -> uint8 codes + 128 (int8 conversion, then a bit flip:
+    v ^ 0x80 == v + 128 for int8 v)."""
+    return _to_dtype(t, torch.int8, memory_format).view(torch.uint8).bitwise_xor_(128)
 
 
 class StaticI8Quantizer:

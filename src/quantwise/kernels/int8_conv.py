@@ -141,22 +141,23 @@ class OneDnnConv:
         """uint8 codes of x in a zero-point-filled, padded (and maybe widened) buffer."""
         bad = None
         if self.static:
-            t = self.quant.float_codes(x)
+            t = self.quant.shifted_codes(x)  # codes - 128
             xs, xzp = self.quant.scale, self.quant.zero_point
         else:
             x, s, bad = dynamic_scale(x, self.qmax, per_row=False)
-            t = torch.div(x, s).round_().add_(128)
+            t = torch.div(x, s).round_()  # symmetric int8: the uint8 codes - 128
             xs, xzp = float(s), 128
         b, c, sizes = t.shape[0], t.shape[1], t.shape[2:]
         fmt = torch.channels_last if self.dim == 2 else torch.contiguous_format
         shape = (b, 2 * c if self.widen else c, *[n + 2 * p for n, p in zip(sizes, self.in_pad)])
-        buf = torch.empty(shape, dtype=torch.uint8, memory_format=fmt)
+        buf = torch.empty(shape, dtype=torch.int8, memory_format=fmt)
         if any(self.in_pad) or self.widen:
-            buf.fill_(xzp)
+            buf.fill_(xzp - 128)
         inner = (slice(None), slice(0, None, 2) if self.widen else slice(None),
                  *[slice(p, p + n) for n, p in zip(sizes, self.in_pad)])
-        buf[inner] = t  # conversion, layout change and placement in one pass
-        return buf, xs, xzp, sizes, bad
+        buf[inner] = t  # int8 conversion, layout change and placement in one pass
+        # int8 -> uint8 (+128) is a bit flip (base.u8_from_shifted): float -> int8 is vectorised
+        return buf.view(torch.uint8).bitwise_xor_(128), xs, xzp, sizes, bad
 
     def _conv(self, buf, xs, xzp, phase, sizes):
         view = (slice(None), slice(None),
