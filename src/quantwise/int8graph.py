@@ -50,6 +50,7 @@ class GraphReport:
     fused: dict[str, str] = field(default_factory=dict)  # layer name -> what runs fused
     uint8_edges: int = 0
     uint8_pools: int = 0
+    uses_output_range: set = field(default_factory=set)  # layers whose observed output range is used
 
     def line(self) -> str:
         if not self.applied:
@@ -274,9 +275,10 @@ def _groups(graph: fx.Graph, modules: dict) -> dict[fx.Node, _Group]:
     return groups
 
 
-def _decide(graph: fx.Graph, groups: dict[fx.Node, _Group], pools: dict[fx.Node, tuple]
-            ) -> dict[fx.Node, Optional[Q]]:
-    """Which values travel as uint8 codes, and with which qparams (None: float32)."""
+def _decide(graph: fx.Graph, groups: dict[fx.Node, _Group], pools: dict[fx.Node, tuple],
+            uses_output_range: set) -> dict[fx.Node, Optional[Q]]:
+    """Which values travel as uint8 codes, and with which qparams (None: float32). Layers whose
+    own observed output range is needed are added to `uses_output_range`."""
     by_conv = {g.conv: g for g in groups.values()}
     by_add = {g.add: g for g in groups.values() if g.add is not None}
     decision: dict[fx.Node, Optional[Q]] = {}
@@ -302,6 +304,8 @@ def _decide(graph: fx.Graph, groups: dict[fx.Node, _Group], pools: dict[fx.Node,
             decision[node] = fixed.pop()
         elif node in groups and not groups[node].relu and groups[node].add is None:
             decision[node] = groups[node].layer.output_qparams  # observed at calibration
+            if decision[node] is not None:
+                uses_output_range.add(groups[node].conv.target)
         else:
             decision[node] = None
     for node in graph.nodes:  # a pool runs on codes only if its input arrives as codes
@@ -341,7 +345,8 @@ def _rewrite(model: nn.Module, state: QuantState) -> GraphReport:
     if not groups:
         return GraphReport(False, "no conv in the traced graph can run fused")
     pools = {n: a for n in graph.nodes if (a := _pool_args(n, modules)) is not None}
-    decision = _decide(graph, groups, pools)
+    uses_output_range: set = set()
+    decision = _decide(graph, groups, pools, uses_output_range)
     order = {n: i for i, n in enumerate(graph.nodes)}
     plans = []  # everything read from the original graph before it changes
     for tail, g in groups.items():
@@ -349,7 +354,7 @@ def _rewrite(model: nn.Module, state: QuantState) -> GraphReport:
             order[u] > order[g.add] for u in g.accum.users if u is not g.add)
         accum_q = decision.get(g.accum) if g.accum is not None else None
         plans.append((tail, g, FusedConv(g.layer, g.relu, decision[tail], accum_q, reused)))
-    report = GraphReport(True)
+    report = GraphReport(True, uses_output_range=uses_output_range)
     for tail, g, op in plans:
         name = "int8_" + g.conv.name  # node names are unique; a layer may be called twice
         gm.add_submodule(name, op)
@@ -420,3 +425,11 @@ def _install(model: nn.Module, gm: fx.GraphModule) -> None:
 def remove_int8_graph(model: nn.Module) -> None:
     """Back to layer-by-layer execution (the model's own forward)."""
     model.__dict__.pop("forward", None)
+
+
+def drop_unused_output_ranges(model: nn.Module, report: Optional[GraphReport]) -> None:
+    """Forget the observed output ranges the graph does not use, so they are not saved."""
+    used = report.uses_output_range if report is not None and report.applied else set()
+    for name, module in model.named_modules():
+        if isinstance(module, QuantizedLayer) and name not in used:
+            module.forget_output_qparams()

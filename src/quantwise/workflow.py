@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from quantwise.config import Config
 from quantwise.fold import find_conv_bn_pairs, fold_conv_bn
 from quantwise.encoder import apply_encoder_fastpath
-from quantwise.int8graph import apply_int8_graph
+from quantwise.int8graph import apply_int8_graph, drop_unused_output_ranges
 from quantwise.errors import CalibrationError, QuantwiseError, QuantwiseWarning
 from quantwise.modules import ObservedLayer, QuantizedLayer, SUPPORTED, kind_of, unsupported_reason
 from quantwise.modules import weight_spec_for
@@ -184,6 +184,8 @@ def convert(model: nn.Module, fuse: bool = True) -> nn.Module:
     if fuse:
         apply_int8_graph(model, state)
         apply_encoder_fastpath(model, state)
+    # Output ranges serve only the int8 graph's residual inputs: keep those, save nothing else.
+    drop_unused_output_ranges(model, state.graph)
     return model
 
 

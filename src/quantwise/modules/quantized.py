@@ -165,6 +165,10 @@ class QuantizedLayer(nn.Module):
             return f"{fmt} row gather + dequantize (weight-only)"
         return self.kernel.name
 
+    def forget_output_qparams(self) -> None:
+        self._buffers.pop("output_scale", None)
+        self._buffers.pop("output_zero_point", None)
+
     @property
     def output_qparams(self) -> tuple[float, int] | None:
         """Calibrated (scale, zero point) of the uint8 output codes, if they were observed."""
@@ -182,8 +186,9 @@ class QuantizedLayer(nn.Module):
                 "act_spec": self.act_spec.to_dict() if self.act_spec else None,
                 "dynamic": self.dynamic, "weight_shape": list(self.weight_shape),
                 "scale_shape": list(self.weight_scale.shape), "bias_size": None if self.bias is None else self.bias.numel(),
-                "tied_to": self.tied_to, "output_qparams": hasattr(self, "output_scale"),
-                "layer_args": {k: list(v) if isinstance(v, tuple) else v for k, v in self.layer_args.items()}}
+                "tied_to": self.tied_to,
+                "layer_args": {k: list(v) if isinstance(v, tuple) else v for k, v in self.layer_args.items()},
+                **({"output_qparams": True} if hasattr(self, "output_scale") else {})}
 
     @classmethod
     def from_meta(cls, meta: dict[str, Any]) -> "QuantizedLayer":
