@@ -57,9 +57,13 @@ class GraphReport:
             return "" if self.reason == _NOTHING else f"int8 graph path: not applied ({self.reason})"
         adds = sum("add" in v for v in self.fused.values())
         relus = sum("ReLU" in v for v in self.fused.values())
-        return (f"int8 graph path: {len(self.fused)} convs fused ({relus} with ReLU, {adds} with "
-                f"the residual add), {self.uint8_edges} uint8 outputs between layers, "
-                f"{self.uint8_pools} max-pools on uint8 codes")
+        return (f"int8 graph path: {_count(len(self.fused), 'conv')} fused ({relus} with ReLU, "
+                f"{adds} with the residual add), {_count(self.uint8_edges, 'uint8 output')} "
+                f"between layers, {_count(self.uint8_pools, 'max-pool')} on uint8 codes")
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 class _Tracer(fx.Tracer):
