@@ -9,10 +9,11 @@
 from quantwise._version import __version__  # noqa: E402
 from quantwise.config import Config, LayerConfig, Rule  # noqa: E402
 from quantwise.errors import (  # noqa: E402
-    CalibrationError, CheckpointError, ConfigError, DataLoadError, ModelLoadError, OutputPathError,
-    QuantwiseError, QuantwiseWarning)
+    CalibrationError, CheckpointError, ConfigError, DataLoadError, EvaluationError, ModelLoadError,
+    OutputPathError, QuantwiseError, QuantwiseWarning)
 from quantwise.evaluate import EvalResult, evaluate  # noqa: E402
 from quantwise.io import load, save  # noqa: E402
+from quantwise.sensitivity import LayerSensitivity, SensitivityReport, sensitivity  # noqa: E402
 from quantwise.spec import Format, PerChannel, PerGroup, PerTensor, PerToken, QuantSpec  # noqa: E402
 from quantwise.summary import summary  # noqa: E402
 from quantwise.workflow import calibrate, convert, prepare, quantize  # noqa: E402
@@ -20,6 +21,7 @@ from quantwise.workflow import calibrate, convert, prepare, quantize  # noqa: E4
 __all__ = [
     "__version__", "Config", "LayerConfig", "Rule", "QuantSpec", "Format", "PerTensor", "PerChannel",
     "PerToken", "PerGroup", "quantize", "prepare", "calibrate", "convert", "summary", "save", "load",
-    "evaluate", "EvalResult", "QuantwiseError", "ConfigError", "CalibrationError", "CheckpointError",
+    "evaluate", "EvalResult", "sensitivity", "SensitivityReport", "LayerSensitivity",
+    "EvaluationError", "QuantwiseError", "ConfigError", "CalibrationError", "CheckpointError",
     "ModelLoadError", "DataLoadError", "OutputPathError", "QuantwiseWarning",
 ]

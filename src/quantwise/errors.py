@@ -29,5 +29,9 @@ class OutputPathError(QuantwiseError, ValueError):
     """The output path would overwrite the input, already exists, or is not writable."""
 
 
+class EvaluationError(QuantwiseError, ValueError):
+    """An eval_fn is not callable, or returned something that is not a finite number."""
+
+
 class QuantwiseWarning(UserWarning):
     """Something worked but deserves the user's attention (outliers, non-finite values, fallbacks)."""

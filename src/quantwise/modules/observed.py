@@ -6,9 +6,17 @@ outputs that no quantized layer consumes directly, e.g. a downsample conv before
 mode "float": run the float layer untouched.
 mode "fake": simulate quantization in float (input and weight fake-quantized with the
 current calibration): for analysis and tests, never reported as a deployment result.
+mode "fake_weight" / "fake_act": only the weight / only the input is fake-quantized, so an
+error can be attributed to one side (sensitivity analysis).
+
+For sensitivity analysis, `extra_calibrators` are fed the same input in "observe" mode, and
+`input_range` (when set) replaces the calibrator's range in the fake modes, so other ranges can
+be tried without calibrating again.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -18,6 +26,9 @@ from quantwise.calibrators import Calibrator, make_calibrator
 from quantwise.config import LayerConfig
 from quantwise.modules.layers import check_input, weight_spec_for
 from quantwise.numerics import fake_quantize, qparams_from_range, tensor_range
+from quantwise.spec import QuantSpec
+
+MODES = ("observe", "float", "fake", "fake_weight", "fake_act")
 
 
 class ObservedLayer(nn.Module):
@@ -39,6 +50,18 @@ class ObservedLayer(nn.Module):
         self.out_calibrator: Calibrator | None = None
         if self.calibrator is not None and type(module) in (nn.Conv1d, nn.Conv2d):
             self.out_calibrator = make_calibrator(layer_config.calibrator, **args)
+        self.extra_calibrators: dict[str, Calibrator] = {}
+        self.input_range: tuple[torch.Tensor, torch.Tensor] | None = None
+        # (weight data_ptr, weight version) -> fake weight: a sweep runs many forwards with the
+        # same weight (MiniLM's word-embedding table takes as long to fake-quantize as a forward).
+        self._fake_weight: tuple[tuple[int, int], torch.Tensor] | None = None
+
+    @property
+    def quantizes_input(self) -> bool:
+        """True when the fake modes quantize this layer's input (static or dynamic)."""
+        cfg = self.layer_config
+        return (cfg.activation is not None and not isinstance(self.module, nn.Embedding)
+                and (cfg.dynamic or self.calibrator is not None))
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.mode == "observe":
@@ -46,28 +69,52 @@ class ObservedLayer(nn.Module):
             self.calls += 1
             if self.calibrator is not None:
                 self.calibrator.update(x.detach())
+            for cal in self.extra_calibrators.values():
+                cal.update(x.detach())
             if self.out_calibrator is not None:
                 y = self.module(x, *args, **kwargs)
                 self.out_calibrator.update(y.detach())
                 return y
-        elif self.mode == "fake":
-            return self._fake_forward(x, *args, **kwargs)
+        elif self.mode in ("fake", "fake_weight", "fake_act"):
+            return self._fake_forward(x, self.mode != "fake_act", self.mode != "fake_weight",
+                                      *args, **kwargs)
+        elif self.mode != "float":
+            raise ValueError(f"ObservedLayer mode must be one of {MODES}, got {self.mode!r}")
         return self.module(x, *args, **kwargs)
 
     def input_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(scale, zero_point) of the static input quantizer from the calibrator's range."""
-        amin, amax = self.calibrator.compute_range()
-        return qparams_from_range(amin, amax, self.layer_config.activation)
+        rng = self.input_range
+        amin, amax = rng if rng is not None else self.calibrator.compute_range()
+        return qparams_from_range(amin, amax, self._input_spec(amin))
 
-    def _fake_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    def _input_spec(self, amin: torch.Tensor) -> QuantSpec:
+        # As convert() does: unsigned symmetric cannot hold negatives, so int8 symmetric instead.
+        spec = self.layer_config.activation
+        if spec.format.is_signed or not spec.symmetric or float(amin) >= 0:
+            return spec
+        return replace(spec, format="int8")
+
+    def fake_weight(self) -> torch.Tensor:
+        """The weight fake-quantized with the layer's weight spec (cached while unchanged)."""
+        w = self.module.weight.detach()
+        key = (w.data_ptr(), w._version)
+        if self._fake_weight is None or self._fake_weight[0] != key:
+            spec, _ = weight_spec_for(self.module, self.layer_config.weight)
+            scale, zp = qparams_from_range(*tensor_range(w, spec), spec)
+            self._fake_weight = (key, fake_quantize(w, scale, zp, spec))
+        return self._fake_weight[1]
+
+    def clear_cache(self) -> None:
+        self._fake_weight = None
+
+    def _fake_forward(self, x: torch.Tensor, weight: bool, act: bool, *args,
+                      **kwargs) -> torch.Tensor:
         cfg = self.layer_config
         params = {}
-        if cfg.weight is not None:
-            spec, _ = weight_spec_for(self.module, cfg.weight)
-            w = self.module.weight.detach()
-            scale, zp = qparams_from_range(*tensor_range(w, spec), spec)
-            params["weight"] = fake_quantize(w, scale, zp, spec)
-        if cfg.activation is not None and x.dtype.is_floating_point:
+        if weight and cfg.weight is not None:
+            params["weight"] = self.fake_weight()
+        if act and cfg.activation is not None and x.dtype.is_floating_point:
             if cfg.dynamic:
                 scale, zp = qparams_from_range(*tensor_range(x, cfg.activation), cfg.activation)
                 x = fake_quantize(x, scale, zp, cfg.activation)
