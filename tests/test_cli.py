@@ -118,3 +118,21 @@ def test_benchmark_custom_model_needs_data_and_reports_cosine(tmp_path, capsys):
 def test_benchmark_missing_folder_exit_2(tmp_path, capsys):
     assert main(["benchmark", str(tmp_path / "nothing")]) == 2
     assert "not a folder" in capsys.readouterr().err
+
+
+def test_analyze_ranks_digits_layers_as_json(capsys):
+    assert main(["analyze", "--json", "--top-k", "2"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [r["rank"] for r in report["rows"]] == [1, 2, 3, 4]
+    assert {r["name"] for r in report["rows"]} == {"features.0", "features.3", "classifier.1",
+                                                   "classifier.3"}
+    assert report["evaluations"] == 4 and report["fp32_metric"] > 0.99  # fp32, all, 2 reverts
+    assert all(r["best_calibrator"] in ("max", "percentile", "entropy", "mse") for r in report["rows"])
+
+
+def test_analyze_table_and_bad_config(capsys):
+    assert main(["analyze", "digits", "--quiet", "--top-k", "0"]) == 0
+    text = capsys.readouterr().out
+    assert "gain dB" in text and "kept float, not analysed" in text
+    assert main(["analyze", "--config", "no-such-preset"]) == 2
+    assert "no-such-preset" in capsys.readouterr().err

@@ -36,6 +36,19 @@ a config file (YAML or JSON) holds defaults, ordered rules and excludes, e.g.:
 """
 
 
+ANALYZE_EPILOG = """\
+examples:
+  quantwise analyze
+      the built-in digits classifier under w8a8: which layers hurt top-1, and why
+  quantwise analyze minilm --config w8a8 --json
+      all-MiniLM-L6-v2: per-layer SQNR of the embeddings, weight vs activation, best calibrator
+columns: only dB = model-output SQNR vs fp32 with only this layer quantized; gain dB = what
+keeping this layer in float buys when all others are quantized; w-only / a-only = only its
+weight / only its input quantized; best calibrator = the input range that hurts least; metric
+gain = the task metric recovered by keeping it float (measured for the top --top-k layers).
+"""
+
+
 BENCHMARK_EPILOG = """\
 examples:
   quantwise benchmark quantwise-out/digits-w8a8
@@ -66,6 +79,22 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     q.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     q.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
+    a = sub.add_parser(
+        "analyze", help="rank the layers by how much quantizing each one hurts (sensitivity)",
+        description="Calibrate MODEL once under --config, then measure per layer what quantizing "
+                    "it costs and what keeping it float buys; print the ranked table.",
+        epilog=ANALYZE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a.add_argument("model", nargs="?", default="digits",
+                   help="built-in name (digits, minilm), Hugging Face folder, or package.module:function "
+                        "(default: digits)")
+    a.add_argument("--config", default="w8a8", help="preset name or YAML/JSON file (default: w8a8)")
+    a.add_argument("--calib", help="calibration data (same forms as quantize --calib)")
+    a.add_argument("--method", choices=CALIBRATORS, help="activation calibrator for every layer")
+    a.add_argument("--batches", type=int, default=2, help="batches for the SQNR proxy (default: 2)")
+    a.add_argument("--top-k", type=int, default=5,
+                   help="layers whose revert is measured with the task metric (default: 5)")
+    a.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    a.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
     b = sub.add_parser(
         "benchmark", help="measure a saved quantized model against its float model",
         description="Reload FOLDER (written by `quantwise quantize` or quantwise.save) and print size, "
@@ -108,23 +137,34 @@ def main(argv: list[str] | None = None) -> int:
     quiet = getattr(args, "quiet", False) or args.json
     log = (lambda _: None) if quiet else (lambda m: print(m, file=sys.stderr))
     try:
-        from quantwise.job import run_benchmark_job, run_quantize_job  # heavy imports: args are valid
+        from quantwise.job import run_analyze_job, run_benchmark_job, run_quantize_job  # heavy imports
 
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", QuantwiseWarning)
-            if args.command == "benchmark":
+            if args.command == "analyze":
+                report = run_analyze_job(args.model, args.config, args.calib, args.method,
+                                         args.batches, args.top_k,
+                                         progress=not (args.quiet or args.json), log=log)
+            elif args.command == "benchmark":
                 report = run_benchmark_job(args.folder, args.data, args.model, log=log)
             else:
                 report = run_quantize_job(args.model, args.config, args.calib, args.method, args.out,
                                           args.overwrite, progress=not (args.quiet or args.json),
                                           log=log)
-        report.notes = sorted({str(w.message) for w in caught if issubclass(w.category, QuantwiseWarning)})
+        notes = sorted({str(w.message) for w in caught if issubclass(w.category, QuantwiseWarning)})
     except QuantwiseError as exc:
         print(f"quantwise: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("quantwise: interrupted; nothing was written", file=sys.stderr)
         return 130
+    if args.command == "analyze":
+        print(report.to_json() if args.json else report)
+        if not args.json:
+            for note in notes:
+                print(f"note: {note}")
+        return 0
+    report.notes = notes
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:

@@ -19,6 +19,7 @@ from quantwise.data import corpus_split, load_calibration_data
 from quantwise.evaluate import (EvalResult, evaluate, float_checkpoint_bytes, folder_bytes,
                                 median_latency_ms)
 from quantwise.io import check_output_dir, load, read_metadata, save
+from quantwise.sensitivity import SensitivityReport, sensitivity
 from quantwise.models.registry import DEFAULT_MODEL, ModelInfo, load_model
 from quantwise.summary import Summary, summary
 from quantwise.workflow import quantize
@@ -100,6 +101,36 @@ def run_quantize_job(model_ref: str = DEFAULT_MODEL, config: str = "w8a8", calib
     save(qmodel, out, overwrite=overwrite)
     log(f"saved to {out}; measuring before/after")
     return _measure(model, qmodel, info, cfg.name, out, eval_batches(info, calib_data))
+
+
+def run_analyze_job(model_ref: str = DEFAULT_MODEL, config: str = "w8a8", calib: str | None = None,
+                    method: str | None = None, proxy_batches: int = 2, top_k: int = 5,
+                    eval_batches_limit: int = 4, progress: bool = True,
+                    log: Callable[[str], None] = lambda _: None) -> SensitivityReport:
+    """Per-layer sensitivity of MODEL under CONFIG; the task metric is the model's own (top-1 on
+    its test split, or cosine vs fp32 on held-out inputs), on the first `eval_batches_limit`
+    evaluation batches."""
+    cfg = Config.resolve(config)
+    if method:
+        cfg = cfg.with_calibrator(method)
+    log(f"loading model {model_ref!r}")
+    model, info = load_model(model_ref)
+    calib_spec = calib or info.calib_data
+    if calib_spec is None:
+        raise CalibrationError(f"model {info.name!r} has no built-in calibration data: pass --calib "
+                               "(a text file, or a folder of .npy / .safetensors inputs)")
+    calib_data = load_calibration_data(calib_spec, info)
+    batches, metric = eval_batches(info, calib_data)
+    batches = batches[:max(1, eval_batches_limit)]
+    proxy = [b[0] for b in batches] if metric == "top1" else batches
+
+    def eval_fn(candidate: nn.Module) -> float:
+        return evaluate(candidate, batches, metric, reference=model if metric == "cosine" else None).value
+
+    log(f"analysing {info.name} under {cfg.name}: calibrate once on {len(calib_data)} batches, "
+        f"proxy SQNR on {min(proxy_batches, len(proxy))}, {metric} on {len(batches)} batches")
+    return sensitivity(model, cfg, calib_data, proxy, eval_fn, proxy_batches=proxy_batches,
+                       top_k=top_k, progress=progress)
 
 
 def run_benchmark_job(folder: str | Path, data: str | None = None, model_ref: str | None = None,
