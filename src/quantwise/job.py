@@ -79,6 +79,17 @@ def eval_batches(info: ModelInfo, calib: list[Any]) -> tuple[list[Any], str]:
     return calib, "cosine"
 
 
+def _model_and_calib(model_ref: str, calib: str | None, log: Callable[[str], None]
+                     ) -> tuple[nn.Module, ModelInfo, str, list[Any]]:
+    log(f"loading model {model_ref!r}")
+    model, info = load_model(model_ref)
+    calib_spec = calib or info.calib_data
+    if calib_spec is None:
+        raise CalibrationError(f"model {info.name!r} has no built-in calibration data: pass --calib "
+                               "(a text file, or a folder of .npy / .safetensors inputs)")
+    return model, info, calib_spec, load_calibration_data(calib_spec, info)
+
+
 def run_quantize_job(model_ref: str = DEFAULT_MODEL, config: str = "w8a8", calib: str | None = None,
                      method: str | None = None, out: str | Path | None = None,
                      overwrite: bool = False, progress: bool = True,
@@ -89,13 +100,7 @@ def run_quantize_job(model_ref: str = DEFAULT_MODEL, config: str = "w8a8", calib
     out = Path(out) if out else default_out(model_ref, cfg.name)
     inputs = (model_ref, calib) if Path(model_ref).exists() else ((calib,) if calib else ())
     check_output_dir(out, overwrite, inputs=tuple(p for p in inputs if p and Path(p).exists()))
-    log(f"loading model {model_ref!r}")
-    model, info = load_model(model_ref)
-    calib_spec = calib or info.calib_data
-    if calib_spec is None:
-        raise CalibrationError(f"model {info.name!r} has no built-in calibration data: pass --calib "
-                               "(a text file, or a folder of .npy / .safetensors inputs)")
-    calib_data = load_calibration_data(calib_spec, info)
+    model, info, calib_spec, calib_data = _model_and_calib(model_ref, calib, log)
     log(f"quantizing with {cfg.name} ({len(calib_data)} calibration batches from {calib_spec!r})")
     qmodel = quantize(model, cfg, calib_data, progress=progress, source=_source(model_ref))
     save(qmodel, out, overwrite=overwrite)
@@ -113,13 +118,7 @@ def run_analyze_job(model_ref: str = DEFAULT_MODEL, config: str = "w8a8", calib:
     cfg = Config.resolve(config)
     if method:
         cfg = cfg.with_calibrator(method)
-    log(f"loading model {model_ref!r}")
-    model, info = load_model(model_ref)
-    calib_spec = calib or info.calib_data
-    if calib_spec is None:
-        raise CalibrationError(f"model {info.name!r} has no built-in calibration data: pass --calib "
-                               "(a text file, or a folder of .npy / .safetensors inputs)")
-    calib_data = load_calibration_data(calib_spec, info)
+    model, info, _, calib_data = _model_and_calib(model_ref, calib, log)
     batches, metric = eval_batches(info, calib_data)
     batches = batches[:max(1, eval_batches_limit)]
     proxy = [b[0] for b in batches] if metric == "top1" else batches
