@@ -190,7 +190,7 @@ def _check_args(eval_fn: Any, proxy_batches: Any, top_k: Any) -> None:
         raise ConfigError(f"top_k must be an integer >= 0, got {top_k!r}")
 
 
-class _Proxy:
+class OutputProxy:
     """Runs the proxy batches with given layer modes; SQNR against the all-float reference."""
 
     def __init__(self, model: nn.Module, data: list[Any], layers: list[ObservedLayer]) -> None:
@@ -257,7 +257,7 @@ def _analyze(model: nn.Module, layers: list[ObservedLayer], data: list[Any],
         if cal is not None:  # computed once (and warned once), not at every fake forward
             obs.input_range = cal.compute_range()
         usable.append(obs)
-    proxy = _Proxy(model, data, layers)  # unusable layers stay "float" in every run
+    proxy = OutputProxy(model, data, layers)  # unusable layers stay "float" in every run
     all_sqnr = proxy.sqnr({}, "fake") if usable else math.inf
     rows = []
     for obs in tqdm(usable, desc="sensitivity", unit="layer", disable=not progress):
@@ -272,7 +272,7 @@ def _analyze(model: nn.Module, layers: list[ObservedLayer], data: list[Any],
     return report
 
 
-def _layer_row(obs: ObservedLayer, proxy: _Proxy, all_sqnr: float) -> LayerSensitivity:
+def _layer_row(obs: ObservedLayer, proxy: OutputProxy, all_sqnr: float) -> LayerSensitivity:
     only = proxy.sqnr({obs: "fake"}, "float")
     all_but = proxy.sqnr({obs: "float"}, "fake")
     has_w, has_a = obs.layer_config.weight is not None, obs.quantizes_input
@@ -333,7 +333,7 @@ def _calibrator_ranges(obs: ObservedLayer) -> dict[str, tuple[torch.Tensor, torc
     return ranges
 
 
-def _measure(report: SensitivityReport, proxy: _Proxy, usable: list[ObservedLayer],
+def _measure(report: SensitivityReport, proxy: OutputProxy, usable: list[ObservedLayer],
              eval_fn: Callable, top_k: int, progress: bool) -> None:
     """eval_fn on fp32, all-quantized and all-but-this for the top_k rows; re-rank those."""
 
