@@ -136,3 +136,20 @@ def test_analyze_table_and_bad_config(capsys):
     assert "gain dB" in text and "kept float, not analysed" in text
     assert main(["analyze", "--config", "no-such-preset"]) == 2
     assert "no-such-preset" in capsys.readouterr().err
+
+
+def test_quantize_with_an_accuracy_budget_plans_the_formats(tmp_path, capsys):
+    out = tmp_path / "plan"
+    assert main(["quantize", "digits", "--max-drop", "0.005", "--out", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    plan = report["plan"]
+    assert plan["met"] and plan["objective"] == "size"
+    assert report["after"]["quality"] >= report["before"]["quality"] - 0.005
+    assert report["size_ratio"] <= 0.15  # 4-bit weights where the budget allows
+    assert set(plan["layers"]) == {"features.0", "features.3", "classifier.1", "classifier.3"}
+    assert (out / "model.safetensors").is_file()
+
+
+def test_bad_max_drop_exit_2(tmp_path, capsys):
+    assert main(["quantize", "digits", "--max-drop", "lots", "--out", str(tmp_path / "x")]) == 2
+    assert "max_drop" in capsys.readouterr().err

@@ -25,6 +25,9 @@ examples:
       a local Hugging Face folder, weight-only int8, calibrated on a text file (one sample a line)
   quantwise quantize mypkg.models:build --calib inputs/ --config my.yaml --json
       a function returning an nn.Module, a folder of .npy/.safetensors inputs, a config file
+  quantwise quantize minilm --max-drop 0.01
+      plan a format per layer (int4 / int8 / fp16 / fp32) so that the mean cosine vs fp32 drops by
+      at most 0.01, at the smallest checkpoint; --objective latency for the fastest instead
 
 presets: {presets}
 a config file (YAML or JSON) holds defaults, ordered rules and excludes, e.g.:
@@ -75,6 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calib", help="calibration data: built-in name (digits, stdlib-text), a text file, "
                                    "or a folder of .npy/.safetensors (default: the model's own)")
     q.add_argument("--method", choices=CALIBRATORS, help="activation calibrator for every layer")
+    q.add_argument("--max-drop", help="plan per-layer formats instead of one config: the model's metric "
+                                      "may drop by at most this (absolute, e.g. 0.01, or relative, "
+                                      "e.g. 1%%)")
+    q.add_argument("--objective", choices=("size", "latency"), default="size",
+                   help="with --max-drop: minimise checkpoint size or measured latency (default: size)")
+    q.add_argument("--formats", help="with --max-drop: comma-separated formats to choose from (default: "
+                                     "int4,int8,int8-dynamic,fp16,fp32)")
     q.add_argument("--out", help="output folder (default: quantwise-out/MODEL-CONFIG)")
     q.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     q.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
@@ -132,6 +142,16 @@ def _quality(result) -> str:
     return f"{result.value:.4f}{extra}"
 
 
+def _max_drop(text: str | None) -> float | str | None:
+    """'0.01' -> 0.01; '1%' stays a string (plan() reads it as relative); None stays None."""
+    if text is None or text.strip().endswith("%"):
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        return text  # plan() rejects it with a message that says what to pass
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     quiet = getattr(args, "quiet", False) or args.json
@@ -148,9 +168,11 @@ def main(argv: list[str] | None = None) -> int:
             elif args.command == "benchmark":
                 report = run_benchmark_job(args.folder, args.data, args.model, log=log)
             else:
-                report = run_quantize_job(args.model, args.config, args.calib, args.method, args.out,
-                                          args.overwrite, progress=not (args.quiet or args.json),
-                                          log=log)
+                report = run_quantize_job(
+                    args.model, args.config, args.calib, args.method, args.out, args.overwrite,
+                    progress=not (args.quiet or args.json), log=log,
+                    max_drop=_max_drop(args.max_drop), objective=args.objective,
+                    formats=tuple(f.strip() for f in args.formats.split(",")) if args.formats else None)
         notes = sorted({str(w.message) for w in caught if issubclass(w.category, QuantwiseWarning)})
     except QuantwiseError as exc:
         print(f"quantwise: error: {exc}", file=sys.stderr)
@@ -169,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(report.to_dict(), indent=2))
     else:
         print(_format_report(report))
+        if report.plan is not None:
+            print(f"\n{report.plan}")
         for note in report.notes:
             print(f"note: {note}")
     return 0

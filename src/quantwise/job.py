@@ -19,6 +19,7 @@ from quantwise.data import corpus_split, load_calibration_data
 from quantwise.evaluate import (EvalResult, evaluate, float_checkpoint_bytes, folder_bytes,
                                 median_latency_ms)
 from quantwise.io import check_output_dir, load, read_metadata, save
+from quantwise.plan import Plan, plan
 from quantwise.sensitivity import SensitivityReport, sensitivity
 from quantwise.models.registry import DEFAULT_MODEL, ModelInfo, load_model
 from quantwise.summary import Summary, summary
@@ -48,13 +49,15 @@ class JobReport:
     after: Measured
     layers: Summary
     notes: list[str] = field(default_factory=list)
+    plan: Plan | None = None  # when the config was planned against an accuracy budget
 
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.model, "config": self.config, "out": str(self.out),
                 "threads": self.threads, "before": self.before.to_dict(), "after": self.after.to_dict(),
                 "size_ratio": self.after.size_bytes / self.before.size_bytes,
                 "speedup": self.before.latency_ms / self.after.latency_ms,
-                "layers": self.layers.to_dict(), "notes": self.notes}
+                "layers": self.layers.to_dict(), "notes": self.notes,
+                "plan": None if self.plan is None else self.plan.to_dict()}
 
 
 def default_out(model_ref: str, config_name: str) -> Path:
@@ -93,19 +96,43 @@ def _model_and_calib(model_ref: str, calib: str | None, log: Callable[[str], Non
 def run_quantize_job(model_ref: str = DEFAULT_MODEL, config: str = "w8a8", calib: str | None = None,
                      method: str | None = None, out: str | Path | None = None,
                      overwrite: bool = False, progress: bool = True,
-                     log: Callable[[str], None] = lambda _: None) -> JobReport:
+                     log: Callable[[str], None] = lambda _: None, max_drop: float | str | None = None,
+                     objective: str = "size", formats: tuple[str, ...] | None = None) -> JobReport:
+    """Quantize with `config`, or, with `max_drop`, with the plan that meets that accuracy budget
+    on the model's own metric at the lowest size or latency (`objective`)."""
     cfg = Config.resolve(config)
     if method:
         cfg = cfg.with_calibrator(method)
-    out = Path(out) if out else default_out(model_ref, cfg.name)
+    name = cfg.name if max_drop is None else f"plan-{objective}"
+    out = Path(out) if out else default_out(model_ref, name)
     inputs = (model_ref, calib) if Path(model_ref).exists() else ((calib,) if calib else ())
     check_output_dir(out, overwrite, inputs=tuple(p for p in inputs if p and Path(p).exists()))
     model, info, calib_spec, calib_data = _model_and_calib(model_ref, calib, log)
+    evals = eval_batches(info, calib_data)
+    chosen = None
+    if max_drop is not None:
+        log(f"planning per-layer formats: metric {evals[1]} may drop by at most {max_drop}, "
+            f"objective {objective}")
+        kwargs = {} if formats is None else {"formats": formats}
+        chosen = plan(model, calib_data, _metric_fn(model, evals), max_drop, objective=objective,
+                      progress=progress, **kwargs)
+        cfg = chosen.config
+        cfg.name = name
     log(f"quantizing with {cfg.name} ({len(calib_data)} calibration batches from {calib_spec!r})")
     qmodel = quantize(model, cfg, calib_data, progress=progress, source=_source(model_ref))
     save(qmodel, out, overwrite=overwrite)
     log(f"saved to {out}; measuring before/after")
-    return _measure(model, qmodel, info, cfg.name, out, eval_batches(info, calib_data))
+    report = _measure(model, qmodel, info, cfg.name, out, evals)
+    report.plan = chosen
+    return report
+
+
+def _metric_fn(model: nn.Module, evals: tuple[list[Any], str], limit: int = 8
+               ) -> Callable[[nn.Module], float]:
+    """The model's own metric on its first `limit` evaluation batches (cosine: vs `model`)."""
+    batches, metric = evals[0][:limit], evals[1]
+    reference = model if metric == "cosine" else None
+    return lambda candidate: evaluate(candidate, batches, metric, reference=reference).value
 
 
 def run_analyze_job(model_ref: str = DEFAULT_MODEL, config: str = "w8a8", calib: str | None = None,
@@ -122,9 +149,7 @@ def run_analyze_job(model_ref: str = DEFAULT_MODEL, config: str = "w8a8", calib:
     batches, metric = eval_batches(info, calib_data)
     batches = batches[:max(1, eval_batches_limit)]
     proxy = [b[0] for b in batches] if metric == "top1" else batches
-
-    def eval_fn(candidate: nn.Module) -> float:
-        return evaluate(candidate, batches, metric, reference=model if metric == "cosine" else None).value
+    eval_fn = _metric_fn(model, (batches, metric))
 
     log(f"analysing {info.name} under {cfg.name}: calibrate once on {len(calib_data)} batches, "
         f"proxy SQNR on {min(proxy_batches, len(proxy))}, {metric} on {len(batches)} batches")
