@@ -33,7 +33,7 @@ from quantwise.errors import ConfigError, EvaluationError
 from quantwise.evaluate import float_checkpoint_bytes, folder_bytes, median_latency_ms
 from quantwise.io import save
 from quantwise.modules import SUPPORTED, unsupported_reason
-from quantwise.sensitivity import OutputProxy
+from quantwise.sensitivity import OutputProxy, calibrator_ranges, watch_calibrators
 from quantwise.workflow import (calibrate, nonempty, observed_layers, prepare, quantize,
                                 run_model)
 
@@ -214,6 +214,7 @@ class _Planner:
         self.front: list[Candidate] = []
         self.cache: dict[tuple, Candidate] = {}
         self.noise: dict[str, dict[str, float]] = {}  # format -> layer -> proxy noise power
+        self.calibrators: dict[str, str] = {}  # static int8 layer -> calibrator with least noise
         self.presets: dict[str, Config] = {}
 
     # -- evaluation ------------------------------------------------------------------------------
@@ -243,6 +244,8 @@ class _Planner:
             preset = self.presets.setdefault(fmt, Config.preset(FORMATS[fmt]))
             lc, _ = preset.layer_config(layer, type(self.layers[layer]).__name__)
             overrides = {k: v for k, v in lc.to_dict().items() if v != base[k]}
+            if fmt == "int8" and layer in self.calibrators:  # static inputs: the best range
+                overrides["calibrator"] = self.calibrators[layer]
             rules.append(Rule(_exact(layer), overrides=overrides))
         return Config(LayerConfig(), rules, exclude, name=name)
 
@@ -285,6 +288,9 @@ class _Planner:
             prepared = prepare(self.model, self.config_for({n: fmt for n in self.layers}))
             layers = observed_layers(prepared)
             if any(obs.calibrator is not None for obs in layers):
+                for obs in layers:
+                    if obs.calibrator is not None:
+                        watch_calibrators(obs)  # every calibrator's range from this calibration
                 calibrate(prepared, self.calib, progress=False)
             table = {n: 0.0 for n in self.layers}
             prepared.eval()  # a throwaway copy: no flags to restore
@@ -297,11 +303,27 @@ class _Planner:
                             continue  # quantize() keeps it float: no noise
                         obs.input_range = cal.compute_range()
                     sqnr = proxy.sqnr({obs: "fake"}, "float")
+                    if cal is not None and fmt == "int8":  # choose this layer's calibrator
+                        sqnr = self._best_calibrator(obs, proxy, sqnr)
                     table[obs.qname] = 10.0 ** (-sqnr / 10.0) if not math.isnan(sqnr) else 1.0
                     obs.clear_cache()
             self.noise[fmt] = table
             self.log(f"proxy table for {fmt}: {proxy.forwards} forwards, {time.perf_counter() - t0:.1f} s")
         return self.noise[fmt]
+
+    def _best_calibrator(self, obs, proxy: OutputProxy, configured_sqnr: float) -> float:
+        """Try every calibrator's input range on this layer alone; keep the least noisy."""
+        configured = obs.layer_config.calibrator
+        best, best_sqnr = configured, configured_sqnr
+        for name, rng in calibrator_ranges(obs).items():
+            if name == configured:
+                continue
+            obs.input_range = rng
+            sqnr = proxy.sqnr({obs: "fake"}, "float")
+            if sqnr > best_sqnr + 0.1:  # 0.1 dB: a real improvement, not noise
+                best, best_sqnr = name, sqnr
+        self.calibrators[obs.qname] = best
+        return best_sqnr
 
     def layer_costs(self) -> dict[str, dict[str, float]]:
         """Estimated cost per layer and format: weight bytes (size) or a latency share (latency)."""
@@ -354,6 +376,8 @@ class _Planner:
         else:
             self.ladder = self.ladder_for(_BYTES_PER_WEIGHT)
         self.log("precision ladder: " + " -> ".join(self.ladder))
+        if "int8" in self.ladder:
+            self.noise_of("int8")  # picks each static layer's calibrator before any candidate
         self.costs = self.layer_costs()
         state = {n: 0 for n in self.layers}
         current = self.evaluate(self.fmts(state), f"all {self.ladder[0]}")

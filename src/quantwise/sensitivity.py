@@ -144,7 +144,7 @@ def sensitivity(model: nn.Module, config: "Config | str" = "w8a8",
                           "config)) for why each layer stays float")
     for obs in layers:
         if obs.calibrator is not None:  # for the per-calibrator ranges, from this one calibration
-            obs.extra_calibrators = {"max": Max(), "histogram": Percentile()}
+            watch_calibrators(obs)
     calibrate(prepared, calib_data, progress=progress)
     source = calib_data if eval_data is None else nonempty(eval_data, "evaluation data")
     proxy = list(islice(source, proxy_batches))
@@ -290,7 +290,7 @@ def _layer_row(obs: ObservedLayer, proxy: OutputProxy, all_sqnr: float) -> Layer
         all_but - all_sqnr if not (math.isinf(all_but) and math.isinf(all_sqnr)) else 0.0,
         w_only, a_only, worse,
         None if not has_a else ("dynamic" if cfg.dynamic else cfg.calibrator))
-    ranges = _calibrator_ranges(obs)
+    ranges = calibrator_ranges(obs)
     if ranges:
         configured = obs.input_range
         row.calibrator_sqnr = {}
@@ -307,7 +307,12 @@ def _layer_row(obs: ObservedLayer, proxy: OutputProxy, all_sqnr: float) -> Layer
     return row
 
 
-def _calibrator_ranges(obs: ObservedLayer) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def watch_calibrators(obs: ObservedLayer) -> None:
+    """Before calibrating: also feed a Max and one shared histogram, for calibrator_ranges."""
+    obs.extra_calibrators = {"max": Max(), "histogram": Percentile()}
+
+
+def calibrator_ranges(obs: ObservedLayer) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """(min, max) input range each calibrator gives, from the Max and histogram statistics."""
     mx, hist = obs.extra_calibrators.get("max"), obs.extra_calibrators.get("histogram")
     if mx is None or hist is None or obs.input_range is None or hist.num_seen == hist.num_nonfinite:
