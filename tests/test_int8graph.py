@@ -280,3 +280,46 @@ def test_small_channel_inputs_quantize_to_the_same_codes():
     fast = quant(x, memory_format=torch.channels_last)  # planes quantized, then interleaved
     slow = quant(x.contiguous(memory_format=torch.channels_last), memory_format=torch.channels_last)
     assert fast.is_contiguous(memory_format=torch.channels_last) and torch.equal(fast, slow)
+
+
+class Zoo(nn.Module):
+    """Shapes the graph pass must get right or leave alone: depthwise and dilated convs, a conv
+    feeding both a conv and an add, a concat (float consumer), a transposed conv, a functional
+    ceil-mode pool, in-place ReLU, and a conv used twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.pw = nn.Conv2d(8, 8, 1)
+        self.dil = nn.Conv2d(8, 8, 3, padding=2, dilation=2)
+        self.up = nn.ConvTranspose2d(16, 8, 2, stride=2)
+        self.shared = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        x = nn.functional.relu(self.stem(x), inplace=True)
+        y = self.pw(torch.relu(self.dw(x)))
+        z = torch.relu(self.dil(x) + y)                      # y: conv output used as residual
+        w = nn.functional.max_pool2d(z, 2, 2, 0, ceil_mode=True)
+        c = torch.cat([w, nn.functional.avg_pool2d(z, 2)], 1)
+        u = torch.relu(self.up(c))
+        s = self.shared(u) + self.shared(torch.relu(u))      # one conv called twice
+        return self.head(torch.relu(s))
+
+
+@pytest.mark.parametrize("preset", ["w8a8", "w8a8-dynamic"])
+def test_varied_graphs_match_the_per_layer_path(preset):
+    torch.manual_seed(0)
+    model = Zoo().eval()
+    calib = [torch.randn(2, 3, 16, 16) for _ in range(3)]
+    q = quantwise.quantize(model, preset, calib, progress=False)
+    per_layer = quantwise.quantize(model, preset, calib, progress=False, fuse=False)
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        ref, fused, unfused = model(x), q(x), per_layer(x)
+    assert fused.shape == ref.shape
+    assert _rel(unfused, ref) < 0.1
+    assert _rel(fused, unfused) < 0.05
+    if preset == "w8a8":
+        assert get_state(q).graph.applied and len(get_state(q).graph.fused) >= 4
