@@ -323,3 +323,35 @@ def test_varied_graphs_match_the_per_layer_path(preset):
     assert _rel(fused, unfused) < 0.05
     if preset == "w8a8":
         assert get_state(q).graph.applied and len(get_state(q).graph.fused) >= 4
+
+
+class InputResidual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        return torch.relu(self.conv(x) + x)  # the residual is the caller's own tensor
+
+
+def test_the_callers_input_is_never_overwritten():
+    torch.manual_seed(0)
+    model = InputResidual().eval()
+    q = quantwise.quantize(model, "w8a8", [torch.randn(2, 4, 8, 8)], progress=False)
+    assert get_state(q).graph.applied
+    x = torch.randn(2, 4, 8, 8).contiguous(memory_format=torch.channels_last)
+    before = x.clone()
+    with torch.no_grad():
+        y = q(x)
+        assert torch.equal(x, before)
+        assert _rel(y, model(x)) < 0.05
+
+
+def test_a_callers_uint8_input_is_read_as_values_not_codes():
+    """The float model rejects uint8 input; the graph must at least not mistake it for codes."""
+    torch.manual_seed(0)
+    model = InputResidual().eval()
+    q = quantwise.quantize(model, "w8a8", [torch.rand(2, 4, 8, 8) * 255], progress=False)
+    x = (torch.rand(2, 4, 8, 8) * 255).to(torch.uint8)
+    with torch.no_grad():
+        assert _rel(q(x).float(), model(x.float())) < 0.05

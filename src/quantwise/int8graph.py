@@ -83,13 +83,18 @@ class FusedConv(nn.Module):
     """relu?(conv(x) + accum?) of one QuantizedLayer; uint8 or float32 in, out and accum."""
 
     def __init__(self, layer: QuantizedLayer, relu: bool, out_q: Optional[Q],
-                 accum_q: Optional[Q], accum_reused: bool) -> None:
+                 accum_q: Optional[Q], accum_reused: bool, codes_in: bool = True) -> None:
         super().__init__()
         object.__setattr__(self, "layer", layer)  # not a submodule: the model owns it
         self.relu, self.out_q, self.accum_q, self.accum_reused = relu, out_q, accum_q, accum_reused
+        self.codes_in = codes_in  # uint8 input means codes only when an int8 op produced it
 
     def forward(self, x: torch.Tensor, accum: Optional[torch.Tensor] = None) -> torch.Tensor:
         kernel = self.layer.kernel
+        if x.dtype == torch.uint8 and not self.codes_in:
+            x = x.float()  # e.g. a caller's uint8 image: values, as the per-layer path reads them
+        if accum is not None and accum.dtype == torch.uint8 and self.accum_q is None:
+            accum = accum.float()
         if x.dim() != 4 or (accum is not None and tuple(accum.shape) != kernel.output_size(x)):
             return self._unfused(x, accum)  # e.g. an unbatched input or a broadcasting add
         xq = x if x.dtype == torch.uint8 else kernel.quantize_input(x)
@@ -101,11 +106,17 @@ class FusedConv(nn.Module):
     def _accum(self, a: torch.Tensor) -> torch.Tensor:
         cl = torch.channels_last
         if self.out_q is None:  # float output: oneDNN wants a float accumulator (scale 1)
-            return (_dequantize(a, self.accum_q) if a.dtype == torch.uint8 else a.float()).contiguous(memory_format=cl)
+            if a.dtype == torch.uint8:
+                return _dequantize(a, self.accum_q).contiguous(memory_format=cl)
+            # oneDNN writes the result into the accumulator: never into a tensor someone else
+            # holds (it may be the caller's input)
+            return a.to(torch.float32, memory_format=cl, copy=True)
         if a.dtype != torch.uint8:  # a float residual feeding a uint8 output: codes of out_q
             return _quantize(a, self.out_q).contiguous(memory_format=cl)
-        if self.accum_reused or not a.is_contiguous(memory_format=cl):
-            return a.contiguous(memory_format=cl) if not a.is_contiguous(memory_format=cl) else a.clone(memory_format=cl)
+        if not a.is_contiguous(memory_format=cl):
+            return a.contiguous(memory_format=cl)  # a copy, so overwriting it is harmless
+        if self.accum_reused:
+            return a.clone(memory_format=cl)  # read again after this op: keep the original
         return a  # consumed: oneDNN writes the result into it
 
     def _unfused(self, x: torch.Tensor, accum: Optional[torch.Tensor]) -> torch.Tensor:
@@ -357,7 +368,8 @@ def _rewrite(model: nn.Module, state: QuantState) -> GraphReport:
         reused = g.accum is not None and any(
             order[u] > order[g.add] for u in g.accum.users if u is not g.add)
         accum_q = decision.get(g.accum) if g.accum is not None else None
-        plans.append((tail, g, FusedConv(g.layer, g.relu, decision[tail], accum_q, reused)))
+        codes_in = decision.get(g.conv.args[0]) is not None
+        plans.append((tail, g, FusedConv(g.layer, g.relu, decision[tail], accum_q, reused, codes_in)))
     report = GraphReport(True, uses_output_range=uses_output_range)
     for tail, g, op in plans:
         name = "int8_" + g.conv.name  # node names are unique; a layer may be called twice
