@@ -89,7 +89,12 @@ def _check_hf_folder(path: Path) -> None:
 
 def _auto_model(path: Path) -> nn.Module:
     from transformers import AutoModel
+    from transformers.utils import logging as hf_logging
 
+    # A local load takes a fraction of a second; transformers' per-load progress bar is noise on
+    # our stderr (and in --json runs). Restore the user's setting afterwards.
+    bars_were_off = hf_logging.is_progress_bar_enabled() is False
+    hf_logging.disable_progress_bar()
     try:
         # use_safetensors=True makes transformers refuse .bin even if our check missed one;
         # eager attention keeps the attention as plain matmul + additive mask + softmax.
@@ -98,6 +103,9 @@ def _auto_model(path: Path) -> nn.Module:
         )
     except (OSError, ValueError, KeyError) as exc:
         raise ModelLoadError(f"cannot load Hugging Face model from {path}: {exc}") from exc
+    finally:
+        if not bars_were_off:
+            hf_logging.enable_progress_bar()
     return model.eval()
 
 
