@@ -226,3 +226,33 @@ def test_static_int8_layers_get_the_calibrator_with_least_noise():
     assert set(chosen.values()) - {"max"}  # at least one layer moved off the preset's max
     again = quantwise.quantize(model, result.config, CALIB, progress=False)
     assert closeness(model)(again) == pytest.approx(result.metric)
+
+
+def test_latency_plans_charge_breaking_an_encoder_block():
+    """Moving one Linear of a fused BERT-style block off int8-dynamic also loses the block's
+    fast path: the planner measures that gain once and adds it to such moves."""
+    transformers = pytest.importorskip("transformers")
+    from quantwise.plan import _Planner
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=50, hidden_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, intermediate_size=128,
+                                     max_position_embeddings=16, attn_implementation="eager")
+    model = transformers.BertModel(config, add_pooling_layer=False).eval()
+    batch = {"input_ids": torch.randint(0, 50, (4, 12)), "attention_mask": torch.ones(4, 12, dtype=torch.long)}
+    with torch.no_grad():
+        ref = model(**batch).last_hidden_state
+
+    def fn(m):
+        with torch.no_grad():
+            return -float((m(**batch).last_hidden_state - ref).abs().mean())
+
+    planner = _Planner(model, [batch], fn, 1.0, ("int8-dynamic", "fp32"), "latency", None, None,
+                       3, 1, False)
+    result = planner.run()
+    assert result.met and set(planner.blocks) == {"encoder.layer.0", "encoder.layer.1"}
+    query = "encoder.layer.0.attention.self.query"
+    planner.ladder = ["int8-dynamic", "fp32"]  # on a model this tiny fp32 may be timed faster
+    whole = {n: 0 for n in planner.layers}
+    assert planner._penalty(query, whole) == planner.block_penalty[1] >= 0.0
+    broken = {**whole, "encoder.layer.0.output.dense": 1}  # that block already lost its fusion
+    assert planner._penalty(query, broken) == 0.0

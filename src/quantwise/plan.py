@@ -34,6 +34,7 @@ from quantwise.evaluate import float_checkpoint_bytes, folder_bytes, median_late
 from quantwise.io import save
 from quantwise.modules import SUPPORTED, unsupported_reason
 from quantwise.sensitivity import OutputProxy, calibrator_ranges, watch_calibrators
+from quantwise.state import get_state
 from quantwise.workflow import (calibrate, nonempty, observed_layers, prepare, quantize,
                                 run_model)
 
@@ -249,9 +250,9 @@ class _Planner:
             rules.append(Rule(_exact(layer), overrides=overrides))
         return Config(LayerConfig(), rules, exclude, name=name)
 
-    def quantized(self, fmts: dict[str, str]) -> tuple[Config, nn.Module]:
+    def quantized(self, fmts: dict[str, str], fuse: bool = True) -> tuple[Config, nn.Module]:
         config = self.config_for(fmts)
-        return config, quantize(self.model, config, self.calib, progress=False)
+        return config, quantize(self.model, config, self.calib, progress=False, fuse=fuse)
 
     def evaluate(self, fmts: dict[str, str], label: str) -> Candidate:
         key = tuple(fmts[n] for n in self.layers)
@@ -370,6 +371,7 @@ class _Planner:
                     continue
                 _, qmodel = self.quantized({n: fmt for n in self.layers})
                 self.format_latency[fmt] = median_latency_ms(qmodel, self.latency_input, 1, 5)
+                self._fused_blocks(fmt, qmodel)
                 del qmodel
             self.log("uniform latency (ms): " + ", ".join(f"{f} {v:.1f}" for f, v in self.format_latency.items()))
             self.ladder = self.ladder_for(self.format_latency)
@@ -386,6 +388,29 @@ class _Planner:
             self.push_down(state)
         return self.finish()
 
+    def _fused_blocks(self, fmt: str, qmodel: nn.Module) -> None:
+        """Latency: the encoder fast path fuses a BERT-style block only while all its Linears are
+        per-token int8, so moving one of them off `fmt` also costs the block's fusion gain,
+        measured once as (unfused - fused) latency / number of fused blocks."""
+        report = get_state(qmodel).encoder
+        if report is None or not report.layers:
+            return
+        _, unfused = self.quantized({n: fmt for n in self.layers}, fuse=False)
+        gain = median_latency_ms(unfused, self.latency_input, 1, 5) - self.format_latency[fmt]
+        self.block_penalty = (fmt, max(gain, 0.0) / len(report.layers))
+        self.blocks = {block: [n for n in self.layers if n.startswith(block + ".")]
+                       for block in report.layers}
+        self.log(f"encoder fast path: {len(self.blocks)} fused blocks under {fmt}, "
+                 f"{self.block_penalty[1]:.1f} ms each")
+
+    def _penalty(self, n: str, state: dict[str, int]) -> float:
+        """Extra latency of moving `n` up: its block's fusion gain if the block is still whole."""
+        fmt, ms = getattr(self, "block_penalty", (None, 0.0))
+        for members in getattr(self, "blocks", {}).values():
+            if n in members and all(self.ladder[state[m]] == fmt for m in members):
+                return ms
+        return 0.0
+
     def up_moves(self, state: dict[str, int]) -> list[str]:
         """Layers that can go one step up, most proxy noise removed per unit of cost first."""
         scored = []
@@ -393,7 +418,7 @@ class _Planner:
             if level + 1 < len(self.ladder):
                 lo, hi = self.ladder[level], self.ladder[level + 1]
                 gain = max(self.noise_of(lo)[n] - self.noise_of(hi)[n], 0.0)
-                extra = max(self.costs[n][hi] - self.costs[n][lo], 1e-9)
+                extra = max(self.costs[n][hi] - self.costs[n][lo] + self._penalty(n, state), 1e-9)
                 scored.append((-gain / extra, -gain, n))
         return [n for *_, n in sorted(scored)]
 
@@ -441,7 +466,9 @@ class _Planner:
                 if level == 0:
                     continue
                 lo, hi = self.ladder[level - 1], self.ladder[level]
-                saving = self.costs[n][hi] - self.costs[n][lo]
+                # moving the last odd member of a block back restores the block's fusion too
+                saving = (self.costs[n][hi] - self.costs[n][lo]
+                          + self._penalty(n, {**state, n: level - 1}))
                 if saving <= 1e-9 * (1 + abs(self.costs[n][hi])):
                     continue  # nothing to win (e.g. an embedding's latency)
                 harm = max(self.noise_of(lo)[n] - self.noise_of(hi)[n], 0.0)
