@@ -1,6 +1,5 @@
 """quantwise.plan: budget, reproducibility, Pareto front, evaluation cap, errors (tiny models)."""
 
-import itertools
 import json
 
 import pytest
@@ -15,15 +14,12 @@ from quantwise.plan import parse_max_drop, plannable_layers
 SENSITIVE = "fcs.1"
 
 
-class MLP(nn.Module):
-    def __init__(self, widths=(32, 128, 128, 128, 10)) -> None:
-        super().__init__()
-        self.fcs = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(widths))
+from small_models import MLP as _BaseMLP  # noqa: E402
 
-    def forward(self, x):
-        for fc in self.fcs[:-1]:
-            x = torch.relu(fc(x))
-        return self.fcs[-1](x)
+
+class MLP(_BaseMLP):
+    def __init__(self, widths=(32, 128, 128, 128, 10)) -> None:
+        super().__init__(widths)
 
 
 def _model() -> MLP:

@@ -1,6 +1,5 @@
 """quantwise.sensitivity: ranking, weight/activation attribution, calibrators, bookkeeping."""
 
-import itertools
 import json
 import math
 
@@ -15,15 +14,7 @@ from quantwise.modules import ObservedLayer
 from quantwise.sensitivity import analyze
 
 
-class MLP(nn.Module):
-    def __init__(self, widths=(16, 64, 64, 64, 10)) -> None:
-        super().__init__()
-        self.fcs = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(widths))
-
-    def forward(self, x):
-        for fc in self.fcs[:-1]:
-            x = torch.relu(fc(x))
-        return self.fcs[-1](x)
+from small_models import MLP  # noqa: E402
 
 
 def _outlier_input(model: MLP, index: int, factor: float) -> None:

@@ -347,15 +347,7 @@ def _measure(report: SensitivityReport, proxy: OutputProxy, usable: list[Observe
         proxy.model.eval()  # eval_fn may have switched to training mode
         value = eval_fn(proxy.model)
         report.evaluations += 1
-        try:
-            number = float(value)
-        except (TypeError, ValueError, RuntimeError):
-            raise EvaluationError(f"eval_fn must return a number (higher is better), got "
-                                  f"{type(value).__name__}: {value!r:.80}") from None
-        if not math.isfinite(number):
-            raise EvaluationError(f"eval_fn returned {number} (not finite); it must return a "
-                                  "finite number, higher is better")
-        return number
+        return metric_value(value)
 
     report.fp32_metric = evaluate({}, "float")
     report.quantized_metric = evaluate({}, "fake")
@@ -366,6 +358,19 @@ def _measure(report: SensitivityReport, proxy: OutputProxy, usable: list[Observe
         row.metric_gain = row.metric - report.quantized_metric
     top.sort(key=lambda r: -r.metric_gain)  # stable: the proxy order breaks ties
     report.rows[:top_k] = top
+
+
+def metric_value(value: Any) -> float:
+    """An eval_fn result as a finite float, or a clear EvaluationError."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError, RuntimeError):
+        raise EvaluationError(f"eval_fn must return a number (higher is better), got "
+                              f"{type(value).__name__}: {value!r:.80}") from None
+    if not math.isfinite(number):
+        raise EvaluationError(f"eval_fn returned {number} (not finite); it must return a "
+                              "finite number, higher is better")
+    return number
 
 
 def _harm(row: LayerSensitivity) -> tuple[float, float]:
