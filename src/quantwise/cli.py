@@ -62,6 +62,17 @@ the full side-by-side with ONNX Runtime and torch.ao is benchmarks/run.py in the
 """
 
 
+def _model_args(p: argparse.ArgumentParser) -> None:
+    """MODEL, --config, --calib, --method: shared by quantize and analyze."""
+    p.add_argument("model", nargs="?", default="digits",
+                   help="built-in name (digits, minilm), Hugging Face folder, or package.module:function "
+                        "(default: digits)")
+    p.add_argument("--config", default="w8a8", help="preset name or YAML/JSON file (default: w8a8)")
+    p.add_argument("--calib", help="calibration data: built-in name (digits, stdlib-text), a text file, "
+                                   "or a folder of .npy/.safetensors (default: the model's own)")
+    p.add_argument("--method", choices=CALIBRATORS, help="activation calibrator for every layer")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="quantwise", description="Quantize trained PyTorch models and measure the result.")
@@ -71,13 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Quantize MODEL, save it to --out, and print size, latency and quality before/after.",
         epilog=QUANTIZE_EPILOG.format(presets=", ".join(PRESETS)),
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    q.add_argument("model", nargs="?", default="digits",
-                   help="built-in name (digits, minilm), Hugging Face folder, or package.module:function "
-                        "(default: digits)")
-    q.add_argument("--config", default="w8a8", help="preset name or YAML/JSON file (default: w8a8)")
-    q.add_argument("--calib", help="calibration data: built-in name (digits, stdlib-text), a text file, "
-                                   "or a folder of .npy/.safetensors (default: the model's own)")
-    q.add_argument("--method", choices=CALIBRATORS, help="activation calibrator for every layer")
+    _model_args(q)
     q.add_argument("--max-drop", help="plan per-layer formats instead of one config: the model's metric "
                                       "may drop by at most this (absolute, e.g. 0.01, or relative, "
                                       "e.g. 1%%)")
@@ -94,12 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Calibrate MODEL once under --config, then measure per layer what quantizing "
                     "it costs and what keeping it float buys; print the ranked table.",
         epilog=ANALYZE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    a.add_argument("model", nargs="?", default="digits",
-                   help="built-in name (digits, minilm), Hugging Face folder, or package.module:function "
-                        "(default: digits)")
-    a.add_argument("--config", default="w8a8", help="preset name or YAML/JSON file (default: w8a8)")
-    a.add_argument("--calib", help="calibration data (same forms as quantize --calib)")
-    a.add_argument("--method", choices=CALIBRATORS, help="activation calibrator for every layer")
+    _model_args(a)
     a.add_argument("--batches", type=int, default=2, help="batches for the SQNR proxy (default: 2)")
     a.add_argument("--top-k", type=int, default=5,
                    help="layers whose revert is measured with the task metric (default: 5)")
