@@ -442,10 +442,3 @@ def remove_int8_graph(model: nn.Module) -> None:
     """Back to layer-by-layer execution (the model's own forward)."""
     model.__dict__.pop("forward", None)
 
-
-def drop_unused_output_ranges(model: nn.Module, report: Optional[GraphReport]) -> None:
-    """Forget the observed output ranges the graph does not use, so they are not saved."""
-    used = report.uses_output_range if report is not None and report.applied else set()
-    for name, module in model.named_modules():
-        if isinstance(module, QuantizedLayer) and name not in used:
-            module.forget_output_qparams()

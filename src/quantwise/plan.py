@@ -30,7 +30,7 @@ from quantwise.config import Config, LayerConfig, Rule
 from quantwise.errors import ConfigError, EvaluationError
 from quantwise.evaluate import float_checkpoint_bytes, folder_bytes, median_latency_ms
 from quantwise.io import save
-from quantwise.modules import SUPPORTED, unsupported_reason
+from quantwise.modules import float_weight, is_supported, unsupported_reason
 from quantwise.planresult import Candidate, Plan, mark_pareto
 from quantwise.sensitivity import (OutputProxy, calibrator_ranges, metric_value,
                                    watch_calibrators)
@@ -93,7 +93,7 @@ def plannable_layers(model: nn.Module) -> dict[str, nn.Module]:
     """The layers a config can quantize (outermost supported modules, as prepare() wraps them)."""
     out, seen = {}, []
     for name, module in model.named_modules():
-        if name and isinstance(module, SUPPORTED) and not any(name.startswith(p + ".") for p in seen):
+        if name and is_supported(module) and not any(name.startswith(p + ".") for p in seen):
             seen.append(name)
             out.update({name: module} if unsupported_reason(module) is None else {})
     return out
@@ -243,7 +243,7 @@ class _Planner:
         copy_ = self.fp32_copy
         hooks = [copy_.get_submodule(n).register_forward_hook(
             lambda mod, args, out, n=n: macs.__setitem__(n, 0.0 if isinstance(mod, nn.Embedding)
-                                                         else mod.weight.numel() / mod.weight.shape[0] * out.numel()))
+                                                         else mod.weight.numel() / float_weight(mod).shape[0] * out.numel()))
                  for n in self.layers]
         with torch.no_grad():
             run_model(copy_, self.latency_input)

@@ -25,10 +25,10 @@ from tqdm.auto import tqdm
 from quantwise.config import Config
 from quantwise.fold import find_conv_bn_pairs, fold_conv_bn
 from quantwise.encoder import apply_encoder_fastpath
-from quantwise.int8graph import apply_int8_graph, drop_unused_output_ranges
+from quantwise.int8graph import apply_int8_graph
 from quantwise.errors import CalibrationError, QuantwiseError, QuantwiseWarning
-from quantwise.modules import ObservedLayer, QuantizedLayer, SUPPORTED, kind_of, unsupported_reason
-from quantwise.modules import weight_spec_for
+from quantwise.modules import ObservedLayer, QuantizedLayer, is_supported, kind_of, unsupported_reason
+from quantwise.modules import float_weight, weight_spec_for
 from quantwise.modules.layers import conv_args
 from quantwise.numerics import qparams_from_range, quantize as quantize_tensor, tensor_range
 from quantwise.spec import Format, QuantSpec
@@ -46,7 +46,7 @@ def prepare(model: nn.Module, config: "Config | str", source: str | None = None)
         if not name or any(name.startswith(p + ".") for p in supported_children):
             continue
         type_name = type(module).__name__
-        if isinstance(module, SUPPORTED):
+        if is_supported(module):
             supported_children.add(name)
             layer_config, origin = config.layer_config(name, type_name)
             reason = unsupported_reason(module)
@@ -184,13 +184,17 @@ def convert(model: nn.Module, fuse: bool = True) -> nn.Module:
     if fuse:
         apply_int8_graph(model, state)
         apply_encoder_fastpath(model, state)
-    # Output ranges serve only the int8 graph's residual inputs: keep those, save nothing else.
-    drop_unused_output_ranges(model, state.graph)
+    # Static convs keep their calibrated output range (two numbers each): the int8 graph uses
+    # it for residual inputs, the ONNX export for every conv's output quantization.
     return model
 
 
 def _convert_layer(obs: ObservedLayer, record: LayerRecord, tied: dict) -> QuantizedLayer | None:
     module, cfg = obs.module, obs.layer_config
+    if obs.weight_read:
+        return _keep_float(record, "the model reads this layer's .weight while it runs (e.g. "
+                                   "to cast its input to weight.dtype); quantized codes would "
+                                   "change what it reads")
     kind = kind_of(module)
     act_spec = None if kind == "embedding" else cfg.activation
     input_qparams = None
@@ -207,13 +211,13 @@ def _convert_layer(obs: ObservedLayer, record: LayerRecord, tied: dict) -> Quant
         return _keep_float(record, "activation-only quantization has no kernel; layer stays float")
     spec, note = weight_spec_for(module, cfg.weight)
     _note(record, note)
-    weight = module.weight
-    owner = tied.get(id(weight))
+    weight = float_weight(module)  # [out, in] for Linear and transformers' Conv1D alike
+    owner = tied.get(id(module.weight))
     if owner is not None and owner.weight_spec == spec and owner.weight_shape == tuple(weight.shape):
         codes, scale, zp = owner.codes(), owner.weight_scale, owner.zero_points()
     else:
         owner = None
-        w = weight.detach().float()
+        w = weight.detach().float().contiguous()
         scale, zp = qparams_from_range(*tensor_range(w, spec), spec)
         codes = quantize_tensor(w, scale, zp, spec)
     bias = getattr(module, "bias", None)
@@ -229,7 +233,7 @@ def _convert_layer(obs: ObservedLayer, record: LayerRecord, tied: dict) -> Quant
         qlayer.tie_weight(owner)
         _note(record, f"weight tied to {owner.qname!r}: quantized once, shared")
     else:
-        tied[id(weight)] = qlayer
+        tied[id(module.weight)] = qlayer
     qlayer.qname = obs.qname
     record.status = "quantized"
     record.config = replace(cfg, weight=spec, activation=act_spec, dynamic=dynamic).describe()
@@ -276,21 +280,25 @@ def quantize(model: nn.Module, config: "Config | str" = "w8a8", calib_data: Iter
     """Quantize a copy of `model` with `config` (a Config, preset name or file path).
 
     `calib_data` is an iterable of model inputs (Tensor, tuple of Tensors, or dict of keyword
-    arguments); it is required when the config has static activations.
+    arguments); it is required when the config has static activations. Weight-only and dynamic
+    configs have nothing to calibrate: given data, they run its first sample once, which checks
+    the inputs and finds layers whose `.weight` the model reads while running (kept float).
     """
     config = Config.resolve(config)
     needs_data = _needs_calibration(model, config)
-    if needs_data:
+    if needs_data or calib_data is not None:
         calib_data = nonempty(calib_data)
     prepared = prepare(model, config, source=source)
-    if needs_data:  # weight-only and dynamic configs have nothing to calibrate
+    if needs_data:
         calibrate(prepared, calib_data, progress=progress)
+    elif calib_data is not None:
+        calibrate(prepared, [next(iter(calib_data))], progress=False)
     return convert(prepared, fuse=fuse)
 
 
 def _needs_calibration(model: nn.Module, config: Config) -> bool:
     for name, module in model.named_modules():
-        if isinstance(module, SUPPORTED) and kind_of(module) != "embedding":
+        if is_supported(module) and kind_of(module) != "embedding":
             layer_config, _ = config.layer_config(name, type(module).__name__)
             if layer_config.activation is not None and not layer_config.dynamic:
                 return True

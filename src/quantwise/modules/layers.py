@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import replace
 
 import torch
@@ -10,13 +11,34 @@ from torch import nn
 from quantwise.errors import CalibrationError
 from quantwise.spec import PerChannel, PerGroup, QuantSpec
 
-# Float layer types with a quantized counterpart; everything else stays float.
+# Float layer types with a quantized counterpart; everything else stays float. Also supported:
+# transformers' Conv1D (GPT-2), a Linear whose weight is stored [in, out]: see is_supported.
 SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d, nn.Embedding)
+
+
+def is_hf_conv1d(module: nn.Module) -> bool:
+    """True for transformers.pytorch_utils.Conv1D (y = x @ W + b, W [in, out]).
+
+    transformers stays optional: if it was never imported, no module can be one of its Conv1D.
+    """
+    cls = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+    return cls is not None and isinstance(module, cls)
+
+
+def is_supported(module: nn.Module) -> bool:
+    """A layer type with a quantized counterpart (SUPPORTED or transformers' Conv1D)."""
+    return isinstance(module, SUPPORTED) or is_hf_conv1d(module)
+
+
+def float_weight(module: nn.Module) -> torch.Tensor:
+    """The float weight in the layout the kernels use: [out, in] for Linear and Conv1D (a
+    transposed view of Conv1D's [in, out]), the module's own layout otherwise."""
+    return module.weight.t() if is_hf_conv1d(module) else module.weight
 
 
 def kind_of(module: nn.Module) -> str | None:
     """'linear', 'conv', 'conv_transpose', 'embedding', or None when unsupported."""
-    if isinstance(module, nn.Linear):
+    if isinstance(module, nn.Linear) or is_hf_conv1d(module):
         return "linear"
     if isinstance(module, nn.ConvTranspose2d):
         return "conv_transpose"
@@ -42,7 +64,7 @@ def weight_spec_for(module: nn.Module, spec: QuantSpec) -> tuple[QuantSpec, str 
             axis = 1 if kind == "conv_transpose" else 0
             return (replace(spec, granularity=PerChannel(axis)),
                     "per-group needs a Linear/Embedding weight; conv uses per-channel")
-        in_dim = module.weight.shape[-1]
+        in_dim = float_weight(module).shape[-1]
         if in_dim % g.size:
             return (replace(spec, granularity=PerChannel(0)),
                     f"input dim {in_dim} not a multiple of group {g.size}; per-channel instead")
@@ -60,9 +82,9 @@ def check_input(name: str, module: nn.Module, x: object) -> None:
     if not x.dtype.is_floating_point:
         raise CalibrationError(f"layer {name!r} expects a floating-point input, got {x.dtype} "
                                f"of shape {tuple(x.shape)}")
-    if isinstance(module, nn.Linear) and x.shape[-1] != module.in_features:
-        raise CalibrationError(f"layer {name!r} (Linear) expects input [..., {module.in_features}], "
-                               f"got {tuple(x.shape)}")
+    if kind_of(module) == "linear" and x.shape[-1] != float_weight(module).shape[1]:
+        raise CalibrationError(f"layer {name!r} ({type(module).__name__}) expects input "
+                               f"[..., {float_weight(module).shape[1]}], got {tuple(x.shape)}")
     if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d)):
         spatial = 1 if isinstance(module, nn.Conv1d) else 2
         if x.dim() not in (spatial + 1, spatial + 2) or x.shape[-spatial - 1] != module.in_channels:

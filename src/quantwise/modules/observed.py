@@ -24,7 +24,7 @@ from torch.func import functional_call
 
 from quantwise.calibrators import Calibrator, make_calibrator
 from quantwise.config import LayerConfig
-from quantwise.modules.layers import check_input, weight_spec_for
+from quantwise.modules.layers import check_input, float_weight, is_hf_conv1d, weight_spec_for
 from quantwise.numerics import fake_quantize, qparams_from_range, tensor_range
 from quantwise.spec import QuantSpec
 
@@ -55,6 +55,23 @@ class ObservedLayer(nn.Module):
         # (weight data_ptr, weight version) -> fake weight: a sweep runs many forwards with the
         # same weight (MiniLM's word-embedding table takes as long to fake-quantize as a forward).
         self._fake_weight: tuple[tuple[int, int], torch.Tensor] | None = None
+        # Set when code outside quantwise read `.weight` through this wrapper (see __getattr__).
+        self.weight_read = False
+
+    def __getattr__(self, name: str):
+        """Attributes the wrapper lacks come from the float layer, so a model that reads its
+        layers (`projection.weight.dtype`, `dense.out_features`) runs while observed. A read of
+        `.weight` is recorded: after convert that attribute holds integer codes (ViTModel casts
+        its pixels to the patch conv's weight.dtype), so convert keeps such a layer float."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            module = self.__dict__.get("_modules", {}).get("module")
+            if module is None or name.startswith("__"):
+                raise
+        if name == "weight":
+            self.__dict__["weight_read"] = True
+        return getattr(module, name)
 
     @property
     def quantizes_input(self) -> bool:
@@ -96,13 +113,17 @@ class ObservedLayer(nn.Module):
         return replace(spec, format="int8")
 
     def fake_weight(self) -> torch.Tensor:
-        """The weight fake-quantized with the layer's weight spec (cached while unchanged)."""
+        """The weight fake-quantized with the layer's weight spec (cached while unchanged), in
+        the module's own layout (Conv1D's [in, out] is quantized as [out, in], then transposed
+        back)."""
         w = self.module.weight.detach()
         key = (w.data_ptr(), w._version)
         if self._fake_weight is None or self._fake_weight[0] != key:
             spec, _ = weight_spec_for(self.module, self.layer_config.weight)
-            scale, zp = qparams_from_range(*tensor_range(w, spec), spec)
-            self._fake_weight = (key, fake_quantize(w, scale, zp, spec))
+            rows = float_weight(self.module).detach()
+            scale, zp = qparams_from_range(*tensor_range(rows, spec), spec)
+            fake = fake_quantize(rows, scale, zp, spec)
+            self._fake_weight = (key, fake.t() if is_hf_conv1d(self.module) else fake)
         return self._fake_weight[1]
 
     def clear_cache(self) -> None:

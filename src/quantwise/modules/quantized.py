@@ -125,6 +125,12 @@ class QuantizedLayer(nn.Module):
         if self.kind == "embedding":
             return self._embed(x)
         dtype = x.dtype
+        if not dtype.is_floating_point:
+            raise TypeError(
+                f"quantized {self.kind} layer {self.qname!r} got a {dtype} input: a float input was "
+                f"probably cast to this layer's .weight.dtype (its {self.weight.dtype} codes), as "
+                "ViTModel does with its patch conv; keep the layer float (config exclude), or pass "
+                "calib_data to quantize() so that it does so itself")
         if self.kind == "conv" and x.dim() == 4:
             # oneDNN's int8 conv works in NHWC: once the first conv's input is channels_last,
             # outputs stay channels_last through relu/add/pool (as torch's convs do for
@@ -165,10 +171,6 @@ class QuantizedLayer(nn.Module):
             return f"{fmt} row gather + dequantize (weight-only)"
         return self.kernel.name
 
-    def forget_output_qparams(self) -> None:
-        self._buffers.pop("output_scale", None)
-        self._buffers.pop("output_zero_point", None)
-
     @property
     def output_qparams(self) -> tuple[float, int] | None:
         """Calibrated (scale, zero point) of the uint8 output codes, if they were observed."""
@@ -194,9 +196,11 @@ class QuantizedLayer(nn.Module):
     def from_meta(cls, meta: dict[str, Any]) -> "QuantizedLayer":
         args = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["layer_args"].items()}
         act = QuantSpec.from_dict(meta["act_spec"]) if meta["act_spec"] else None
-        return cls(meta["kind"], QuantSpec.from_dict(meta["weight_spec"]), act, meta["dynamic"],
-                   tuple(meta["weight_shape"]), tuple(meta["scale_shape"]), meta["bias_size"], args,
-                   output_qparams=bool(meta.get("output_qparams", False)))
+        layer = cls(meta["kind"], QuantSpec.from_dict(meta["weight_spec"]), act, meta["dynamic"],
+                    tuple(meta["weight_shape"]), tuple(meta["scale_shape"]), meta["bias_size"], args,
+                    output_qparams=bool(meta.get("output_qparams", False)))
+        layer.tied_to = meta.get("tied_to")  # load() re-ties it once every layer exists
+        return layer
 
     def extra_repr(self) -> str:
         return f"{self.kind}, weight={tuple(self.weight_shape)}, kernel={self.kernel_name!r}"
