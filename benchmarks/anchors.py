@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import logging
 import warnings
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +23,6 @@ from torch import nn
 from harness import System, call_torch, saved_bytes, torch_system
 
 INTRA_THREADS = 2
-
-# op types that mean "this product runs in integer arithmetic" in an optimized ORT graph
-_INT8_CONV = {"QLinearConv", "ConvInteger"}
-_INT8_MATMUL = {"QLinearMatMul", "MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat",
-                "QGemm", "QAttention"}
 
 
 def session_options(optimized_path: str | None = None) -> Any:
@@ -65,7 +59,7 @@ def ort_system(name: str, path: Path, tmp: Path, **info: Any) -> System:
     graph = onnx.load(str(path), load_external_data=False).graph
     inits = {t.name for t in graph.initializer}
     names = [i.name for i in graph.input if i.name not in inits]
-    info.update(optimized_graph_ops(path, tmp))
+    info.update(optimized_graph_ops(path))
     holder: dict[str, Any] = {}
 
     def load() -> None:
@@ -77,35 +71,25 @@ def ort_system(name: str, path: Path, tmp: Path, **info: Any) -> System:
                   size_bytes=path.stat().st_size, size_note=".onnx file", info=info)
 
 
-def optimized_graph_ops(path: Path, tmp: Path) -> dict[str, Any]:
-    """Which Conv / MatMul kernels the session really runs: a second session writes its optimized
-    graph (cheap next to the benchmark) and we count the product ops by type. This is how one
-    sees that QDQ nodes were *not* fused and the layer still runs in float between Q and DQ."""
-    import onnx
-    import onnxruntime as ort
+def optimized_graph_ops(path: Path) -> dict[str, Any]:
+    """Which Conv / MatMul kernels the session really runs (quantwise.export.check reads the graph
+    ORT optimizes). This is how one sees that QDQ nodes were *not* fused and the layer still runs
+    in float between Q and DQ. The splits count every product, attention's activation x
+    activation matmuls included, as this table always has."""
+    from quantwise.export.check import INTEGER_OPS, fusion_report
 
-    out = tmp / f"{path.stem}.optimized.onnx"
     try:
-        ort.InferenceSession(str(path), session_options(str(out)), providers=["CPUExecutionProvider"])
-        graph = onnx.load(str(out), load_external_data=False).graph
+        rep = fusion_report(path, threads=INTRA_THREADS)
     except Exception as exc:  # noqa: BLE001 - counting is a nicety, never a failure
         return {"optimized_graph": f"not readable: {exc}"[:200]}
-    finally:
-        for f in tmp.glob(f"{path.stem}.optimized.onnx*"):
-            f.unlink()
-    ops = Counter((f"{n.domain}." if n.domain not in ("", "ai.onnx") else "") + n.op_type
-                  for n in graph.node)
-    products = {k: v for k, v in ops.items()
+    acts = rep.act_matmul
+    act_int8 = sum(v for k, v in acts.items() if k in INTEGER_OPS)
+    products = {k: v for k, v in rep.op_counts.items()
                 if any(w in k for w in ("Conv", "MatMul", "Gemm", "Attention"))}
-    def split(conv: bool) -> str:
-        """'int8 ops / all ops' among the convolutions (conv=True) or the matmuls/Gemms."""
-        mine = {k.split(".")[-1]: v for k, v in products.items() if ("Conv" in k) == conv}
-        int8 = sum(v for k, v in mine.items() if k in _INT8_CONV | _INT8_MATMUL)
-        return f"{int8}/{sum(mine.values())}"
-
     return {"product_ops": dict(sorted(products.items())),
-            "int8_conv": split(True), "int8_matmul": split(False),
-            "qdq_nodes_left": ops.get("QuantizeLinear", 0) + ops.get("DequantizeLinear", 0)}
+            "int8_conv": f"{rep.conv_int8}/{rep.conv_total}",
+            "int8_matmul": f"{rep.matmul_int8 + act_int8}/{rep.matmul_total + sum(acts.values())}",
+            "qdq_nodes_left": rep.op_counts.get("QuantizeLinear", 0) + rep.op_counts.get("DequantizeLinear", 0)}
 
 
 def _batch_size(x: Any) -> int:

@@ -89,6 +89,23 @@ def quantwise_preset(preset: str, case: Case, ctx: dict[str, Any]) -> System:
                         size_note="quantwise.save folder", info=info)
 
 
+def quantwise_onnx(preset: str, case: Case, ctx: dict[str, Any]) -> System:
+    """The quantwise model exported as an ONNX QDQ graph (quantwise.export), run by ONNX Runtime."""
+    if not ctx["quantwise"]["importable"]:
+        raise RuntimeError(f"quantwise not importable: {ctx['quantwise']['error']}")
+    import quantwise
+    from quantwise.export import export_onnx
+
+    qmodel = quantwise.quantize(copy.deepcopy(case.model), preset, case.calib, progress=False)
+    path = ctx["tmp"] / "quantwise" / f"{case.name}-{preset}.onnx"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    result = export_onnx(qmodel, case.latency_input, path, overwrite=True)
+    info = {"exported_layers": len(result.layers)}
+    if result.notes:
+        info["exported_in_float"] = len(result.notes)
+    return anchors.ort_system(f"quantwise {preset} -> ORT", path, ctx["tmp"], **info)
+
+
 def layer_counts(rows: list[Any]) -> dict[str, Any]:
     """Sort quantwise's summary rows into: a real low-precision kernel; a fallback (quantized on
     paper but the kernel is the float32 simulation, or the reason says it fell back); kept float
@@ -116,6 +133,7 @@ def layer_counts(rows: list[Any]) -> dict[str, Any]:
 def builders(args: argparse.Namespace) -> list[tuple[str, Any]]:
     rows = [("torch fp32", torch_fp32), anchors.BUILDERS[0]]
     rows += [(f"quantwise {p}", partial(quantwise_preset, p)) for p in args.presets]
+    rows += [(f"quantwise {p} -> ORT", partial(quantwise_onnx, p)) for p in args.onnx_presets]
     rows += anchors.BUILDERS[1:]
     if args.systems:  # development filter; the two fp32 references always run (ratios need them)
         keep = [s.strip() for s in args.systems.split(",")]
@@ -248,6 +266,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=2, help="torch threads = ORT intra-op threads")
     p.add_argument("--presets", default=",".join(PRESETS), help="quantwise presets to run")
+    p.add_argument("--onnx-presets", default="w8a8,w8a8-dynamic",
+                   help="quantwise presets exported to ONNX (quantwise.export) and run by ONNX Runtime")
     p.add_argument("--systems", default="", help="only systems whose name contains one of these")
     p.add_argument("--system-budget", type=float, default=30.0,
                    help="seconds of timed runs per system before its run count is cut (min 3)")
@@ -259,6 +279,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default=str(HERE / "results"))
     args = p.parse_args(argv)
     args.presets = [s for s in args.presets.split(",") if s]
+    args.onnx_presets = [s for s in args.onnx_presets.split(",") if s]
     unknown = set(args.models.split(",")) - set(cases_mod.CASES)
     if unknown:
         p.error(f"unknown model(s) {', '.join(sorted(unknown))}; choose from {', '.join(cases_mod.CASES)}")

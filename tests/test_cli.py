@@ -153,3 +153,19 @@ def test_quantize_with_an_accuracy_budget_plans_the_formats(tmp_path, capsys):
 def test_bad_max_drop_exit_2(tmp_path, capsys):
     assert main(["quantize", "digits", "--max-drop", "lots", "--out", str(tmp_path / "x")]) == 2
     assert "max_drop" in capsys.readouterr().err
+
+
+def test_export_writes_checks_and_reports(tmp_path, capsys):
+    out = tmp_path / "digits-w8a8"
+    assert main(["quantize", "--out", str(out), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["export", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    onnx_path = tmp_path / "digits-w8a8.onnx"
+    assert report["path"] == str(onnx_path) and onnx_path.exists()
+    assert report["fusion"]["conv_int8"] == report["fusion"]["conv_total"] == 2
+    assert report["parity"]["ok"] and report["parity"]["top1_agreement"] >= 0.995
+    # a second export refuses to replace the file; a strict threshold fails with exit code 1
+    assert main(["export", str(out)]) == 2
+    assert main(["export", str(out), "--overwrite", "--max-rel-err", "1e-9", "--no-per-layer"]) == 1
+    assert "FAIL" in capsys.readouterr().out

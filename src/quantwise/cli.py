@@ -62,6 +62,18 @@ the full side-by-side with ONNX Runtime and torch.ao is benchmarks/run.py in the
 """
 
 
+EXPORT_EPILOG = """\
+examples:
+  quantwise export quantwise-out/digits-w8a8
+      writes quantwise-out/digits-w8a8.onnx, reports which ops ONNX Runtime runs as integer
+      kernels, and checks the file against the PyTorch model on calibration samples
+  quantwise export out/my-model --out my-model.onnx --model mypkg.models:build --data inputs/
+      a user's model: --model rebuilds the float skeleton, --data gives sample inputs
+exit codes: 0 parity within --max-rel-err, 1 parity failed (the file is kept: the per-layer table
+names the first layer whose error jumps), 2 bad input.
+"""
+
+
 def _model_args(p: argparse.ArgumentParser) -> None:
     """MODEL, --config, --calib, --method: shared by quantize and analyze."""
     p.add_argument("model", nargs="?", default="digits",
@@ -115,6 +127,24 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--data", help="evaluation inputs (same forms as --calib); default: the model's own "
                                   "held-out data")
     b.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    e = sub.add_parser(
+        "export", help="export a saved quantized model as ONNX (QDQ) and check it in ONNX Runtime",
+        description="Reload FOLDER, write an ONNX QDQ graph, report what ONNX Runtime fuses into "
+                    "integer kernels, and compare its outputs with the PyTorch model, overall and "
+                    "per layer.",
+        epilog=EXPORT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    e.add_argument("folder", help="a folder written by quantwise quantize / quantwise.save")
+    e.add_argument("--out", help="the .onnx file (default: FOLDER.onnx beside the folder)")
+    e.add_argument("--model", help="the float model, when the folder records none (same forms as quantize)")
+    e.add_argument("--data", help="sample inputs for the parity check (same forms as --calib; "
+                                  "default: the model's own calibration data)")
+    e.add_argument("--batches", type=int, default=4, help="sample batches for the parity check (default: 4)")
+    e.add_argument("--max-rel-err", type=float, default=1e-2,
+                   help="parity threshold: relative error of the outputs (default: 0.01)")
+    e.add_argument("--opset", type=int, default=18, help="ONNX opset (17 or newer; default: 18)")
+    e.add_argument("--no-per-layer", action="store_true", help="skip the per-layer comparison")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing .onnx file")
+    e.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     return parser
 
 
@@ -157,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     quiet = getattr(args, "quiet", False) or args.json
     log = (lambda _: None) if quiet else (lambda m: print(m, file=sys.stderr))
     try:
-        from quantwise.job import run_analyze_job, run_benchmark_job, run_quantize_job  # heavy imports
+        from quantwise.job import (run_analyze_job, run_benchmark_job, run_export_job,  # heavy imports
+                                   run_quantize_job)
 
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", QuantwiseWarning)
@@ -165,6 +196,10 @@ def main(argv: list[str] | None = None) -> int:
                 report = run_analyze_job(args.model, args.config, args.calib, args.method,
                                          args.batches, args.top_k,
                                          progress=not (args.quiet or args.json), log=log)
+            elif args.command == "export":
+                report = run_export_job(args.folder, args.out, args.model, args.data, args.max_rel_err,
+                                        args.batches, not args.no_per_layer, args.overwrite, args.opset,
+                                        log=log)
             elif args.command == "benchmark":
                 report = run_benchmark_job(args.folder, args.data, args.model, log=log)
             else:
@@ -186,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
             for note in notes:
                 print(f"note: {note}")
         return 0
+    if args.command == "export":
+        return _print_export(report, notes, args.json)
     report.notes = notes
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
@@ -196,6 +233,21 @@ def main(argv: list[str] | None = None) -> int:
         for note in report.notes:
             print(f"note: {note}")
     return 0
+
+
+def _print_export(result, notes: list[str], as_json: bool) -> int:
+    if as_json:
+        print(json.dumps({**result.to_dict(), "warnings": notes}, indent=2))
+    else:
+        print(result.line())
+        for layer, note in result.notes.items():
+            print(f"  float: {layer}: {note}")
+        print(result.fusion.line())
+        print(result.parity.table())
+        print(result.parity.line())
+        for note in notes:
+            print(f"note: {note}")
+    return 0 if result.parity.ok else 1
 
 
 if __name__ == "__main__":

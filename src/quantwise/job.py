@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from quantwise.config import Config
-from quantwise.errors import CalibrationError, CheckpointError
+from quantwise.errors import CalibrationError, CheckpointError, OutputPathError
 from quantwise.data import corpus_split, load_calibration_data
 from quantwise.evaluate import (EvalResult, evaluate, float_checkpoint_bytes, folder_bytes,
                                 median_latency_ms)
@@ -197,3 +197,38 @@ def _source(model_ref: str) -> str:
     path = Path(model_ref)
     return str(path.resolve()) if path.exists() else model_ref
 
+
+
+def run_export_job(folder: str | Path, out: str | Path | None = None, model_ref: str | None = None,
+                   data: str | None = None, max_rel_err: float = 1e-2, batches: int = 4,
+                   per_layer: bool = True, overwrite: bool = False, opset: int = 18,
+                   log: Callable[[str], None] = lambda _: None):
+    """Reload FOLDER, export it as ONNX QDQ, then prove the file: what ONNX Runtime fuses into
+    integer kernels, and parity with the PyTorch quantized model on calibration samples."""
+    from quantwise.export import export_onnx
+    from quantwise.export.check import fusion_report, parity
+
+    folder = Path(folder)
+    meta = read_metadata(folder)
+    ref = model_ref or meta.get("source")
+    if not ref:
+        raise CheckpointError(f"{folder} records no source model: pass --model (a built-in name, a "
+                              "Hugging Face folder, or package.module:function)")
+    out = Path(out) if out else folder.with_name(folder.name + ".onnx")
+    if out.resolve() == folder.resolve() or folder.resolve() in out.resolve().parents:
+        raise OutputPathError(f"{out}: write the ONNX file outside the checkpoint folder {folder}")
+    log(f"loading float model {ref!r} and {folder}")
+    model, info = load_model(ref)
+    qmodel = load(folder, model=model)
+    spec = data or info.calib_data
+    if spec is None:
+        raise CalibrationError(f"model {info.name!r} has no built-in sample data: pass --data "
+                               "(a text file, or a folder of .npy / .safetensors inputs)")
+    samples = load_calibration_data(spec, info)[:max(1, batches)]
+    log(f"exporting to {out} (opset {opset})")
+    result = export_onnx(qmodel, samples[0], out, opset=opset, overwrite=overwrite)
+    log("reading what ONNX Runtime runs, then checking parity on "
+        f"{len(samples)} batches from {spec!r}")
+    result.fusion = fusion_report(out)
+    result.parity = parity(qmodel, out, samples, per_layer=per_layer, max_rel_err=max_rel_err)
+    return result

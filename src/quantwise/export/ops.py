@@ -1,0 +1,181 @@
+"""The quantized pieces of an export, as torch custom ops with an ONNX translation each.
+
+torch.onnx's exporter traces the export twin (twin.py) with torch.export; each quantized step
+is one custom op here, so it reaches ONNX as exactly the nodes runtimes pattern-match:
+
+| op                        | torch (reference)                      | ONNX                                   |
+|---------------------------|----------------------------------------|----------------------------------------|
+| quantwise::qdq            | fake-quantize, ONNX-exact rounding     | QuantizeLinear -> DequantizeLinear     |
+| quantwise::dq_weight      | (codes - zp) * scale along an axis     | DequantizeLinear of the int8 initializer |
+| quantwise::dynamic_matmul | run-time symmetric int8 (per token or per tensor) x int8 weight | ReduceMax/Div/Round/Clip/Cast, MatMulInteger, rescale |
+| quantwise::matmul_nbits   | int4 per-group weight-only matmul      | com.microsoft MatMulNBits              |
+
+The torch implementations are the reference the tests compare the runtime with; the exporter
+never runs them on real data (torch.export uses the fake kernels for shapes).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import onnx
+import torch
+from onnxscript import opset18 as op
+from onnxscript.values import Opset
+
+from quantwise.numerics import TINY
+
+_MS = Opset("com.microsoft", 1)
+
+
+def _register_matmul_nbits() -> None:
+    """onnx ships no schema for ONNX Runtime's contrib ops; onnxscript needs one to emit a node."""
+    if "MatMulNBits" in _MS:
+        return
+    S = onnx.defs.OpSchema
+    param = S.FormalParameter
+    attr = S.Attribute
+    schema = S(
+        "MatMulNBits", "com.microsoft", 1, doc="ONNX Runtime's blocked low-bit weight MatMul",
+        inputs=[param("A", "T1"), param("B", "T2"), param("scales", "T1")],
+        outputs=[param("Y", "T1")],
+        type_constraints=[("T1", ["tensor(float)", "tensor(float16)"], "activations"),
+                          ("T2", ["tensor(uint8)"], "packed weights")],
+        attributes=[attr("K", S.AttrType.INT, "K"), attr("N", S.AttrType.INT, "N"),
+                    attr("bits", S.AttrType.INT, "bits"), attr("block_size", S.AttrType.INT, "block")])
+    onnx.defs.register_schema(schema)
+
+
+_register_matmul_nbits()
+
+
+def _const(value, dtype) -> "op.Constant":
+    return op.Constant(value=onnx.numpy_helper.from_array(np.asarray(value, dtype=dtype)))
+
+
+def _qdtype(qmin: int):
+    return np.uint8 if qmin >= 0 else np.int8
+
+
+# -- qdq: activations with calibrated (static) parameters -----------------------------------------
+
+@torch.library.custom_op("quantwise::qdq", mutates_args=())
+def qdq(x: torch.Tensor, scale: float, zero_point: int, qmin: int, qmax: int) -> torch.Tensor:
+    s = torch.tensor(scale, dtype=torch.float32)
+    q = torch.div(x.float(), s).round_().add_(zero_point).clamp_(qmin, qmax)
+    return q.sub_(zero_point).mul_(s).to(x.dtype)
+
+
+@qdq.register_fake
+def _(x, scale, zero_point, qmin, qmax):
+    return torch.empty_like(x)
+
+
+def qdq_onnx(x, scale: float, zero_point: int, qmin: int, qmax: int):
+    # QuantizeLinear saturates to the type's range: callers only pass full-range uint8/int8.
+    s = _const(scale, np.float32)
+    z = _const(zero_point, _qdtype(qmin))
+    return op.DequantizeLinear(op.QuantizeLinear(x, s, z), s, z)
+
+
+# -- dq_weight: integer weights stay integer in the file ------------------------------------------
+
+@torch.library.custom_op("quantwise::dq_weight", mutates_args=())
+def dq_weight(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+              axis: int) -> torch.Tensor:
+    shape = [1] * codes.dim()
+    if scale.dim() == 1:
+        shape[axis] = -1
+    return (codes.to(torch.int32) - zero_point.to(torch.int32).reshape(shape)).float() * scale.reshape(shape)
+
+
+@dq_weight.register_fake
+def _(codes, scale, zero_point, axis):
+    return torch.empty(codes.shape, dtype=torch.float32)
+
+
+def dq_weight_onnx(codes, scale, zero_point, axis: int):
+    if len(scale.shape) == 1:
+        return op.DequantizeLinear(codes, scale, zero_point, axis=axis)
+    return op.DequantizeLinear(codes, scale, zero_point)  # per-tensor: scalar scale
+
+
+# -- dynamic_matmul: run-time activation scales, integer GEMM -------------------------------------
+
+@torch.library.custom_op("quantwise::dynamic_matmul", mutates_args=())
+def dynamic_matmul(x: torch.Tensor, codes_kn: torch.Tensor, w_scale: torch.Tensor,
+                   bias: Optional[torch.Tensor], per_token: bool, qmax: int) -> torch.Tensor:
+    k, n = codes_kn.shape
+    x2 = x.reshape(-1, k).float()
+    dims = 1 if per_token else (0, 1)
+    s = x2.abs().amax(dim=dims, keepdim=True).div(qmax).clamp(min=TINY)
+    q = torch.div(x2, s).round().clamp(-qmax, qmax)
+    acc = (q.double() @ codes_kn.double()).float()  # exact for any K an int32 GEMM can hold
+    y = acc * s * w_scale
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*x.shape[:-1], n)
+
+
+@dynamic_matmul.register_fake
+def _(x, codes_kn, w_scale, bias, per_token, qmax):
+    return x.new_empty(*x.shape[:-1], codes_kn.shape[1], dtype=torch.float32)
+
+
+def dynamic_matmul_onnx(x, codes_kn, w_scale, bias, per_token: bool, qmax: int):
+    k = codes_kn.shape[0]
+    lead = op.Shape(x, start=0, end=-1)
+    x2 = op.Reshape(x, _const([-1, k], np.int64))
+    absx = op.Abs(x2)
+    amax = (op.ReduceMax(absx, _const([1], np.int64), keepdims=1) if per_token
+            else op.ReduceMax(absx, keepdims=1))
+    s = op.Max(op.Div(amax, _const(float(qmax), np.float32)), _const(TINY, np.float32))
+    q = op.Cast(op.Clip(op.Round(op.Div(x2, s)), _const(-float(qmax), np.float32),
+                        _const(float(qmax), np.float32)), to=onnx.TensorProto.INT8)
+    acc = op.Cast(op.MatMulInteger(q, codes_kn), to=onnx.TensorProto.FLOAT)
+    y = op.Mul(op.Mul(acc, s), w_scale)
+    if bias is not None:
+        y = op.Add(y, bias)
+    return op.Reshape(y, op.Concat(lead, _const([-1], np.int64), axis=0))
+
+
+# -- matmul_nbits: int4 weight-only, ONNX Runtime's blocked kernel ---------------------------------
+
+@torch.library.custom_op("quantwise::matmul_nbits", mutates_args=())
+def matmul_nbits(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
+                 bias: Optional[torch.Tensor], k: int, n: int, block: int) -> torch.Tensor:
+    """packed: [N, K/block, block/2] uint8, element 2j in the low nibble, unsigned codes with an
+    implicit zero point of 8 (MatMulNBits' layout); scales: [N * K/block]."""
+    low, high = packed & 0x0F, packed >> 4
+    codes = torch.stack([low, high], dim=-1).reshape(n, k).to(torch.float32) - 8
+    w = (codes.reshape(n, -1, block) * scales.reshape(n, -1, 1)).reshape(n, k)
+    y = x.float() @ w.t()
+    if bias is not None:
+        y = y + bias
+    return y
+
+
+@matmul_nbits.register_fake
+def _(x, packed, scales, bias, k, n, block):
+    return x.new_empty(*x.shape[:-1], n, dtype=torch.float32)
+
+
+def matmul_nbits_onnx(x, packed, scales, bias, k: int, n: int, block: int):
+    y = _MS.MatMulNBits(x, packed, scales, K=k, N=n, bits=4, block_size=block)
+    return y if bias is None else op.Add(y, bias)
+
+
+def translation_table() -> dict:
+    """custom_translation_table for torch.onnx.export."""
+    ops = torch.ops.quantwise
+    return {ops.qdq.default: qdq_onnx, ops.dq_weight.default: dq_weight_onnx,
+            ops.dynamic_matmul.default: dynamic_matmul_onnx,
+            ops.matmul_nbits.default: matmul_nbits_onnx}
+
+
+def pack_nbits(codes: torch.Tensor, block: int) -> torch.Tensor:
+    """Signed int4 codes [N, K] -> MatMulNBits' [N, K/block, block/2] uint8 (code + 8 per nibble)."""
+    n, k = codes.shape
+    u = (codes.to(torch.int16) + 8).to(torch.uint8).reshape(n, k // 2, 2)
+    return (u[..., 0] | (u[..., 1] << 4)).reshape(n, k // block, block // 2).contiguous()

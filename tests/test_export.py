@@ -1,0 +1,165 @@
+"""ONNX QDQ export: the file checks, ONNX Runtime fuses it into integer kernels, and it computes
+what the PyTorch quantized model computes (overall and per layer), at other batch sizes too."""
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+import quantwise
+from quantwise.export import export_onnx
+from quantwise.export.check import fusion_report, parity
+from quantwise.modules import QuantizedLayer
+from small_models import MLP, MiniResNet, randomize_bn
+
+
+def _session(path):
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def _run(path, x):
+    sess = _session(path)
+    feeds = x if isinstance(x, dict) else {sess.get_inputs()[0].name: x}
+    names = {i.name for i in sess.get_inputs()}
+    return torch.from_numpy(sess.run(None, {k: v.numpy() for k, v in feeds.items() if k in names})[0])
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.fixture(scope="module")
+def cnn():
+    torch.manual_seed(0)
+    model = randomize_bn(MiniResNet())
+    calib = [torch.randn(4, 3, 32, 32) for _ in range(3)]
+    return model, quantwise.quantize(model, "w8a8", calib, progress=False)
+
+
+@pytest.fixture(scope="module")
+def cnn_onnx(cnn, tmp_path_factory):
+    path = tmp_path_factory.mktemp("cnn") / "cnn.onnx"
+    return export_onnx(cnn[1], torch.randn(2, 3, 32, 32), path)
+
+
+def test_cnn_every_conv_runs_as_an_integer_kernel(cnn_onnx):
+    onnx.checker.check_model(str(cnn_onnx.path))
+    report = fusion_report(cnn_onnx.path)
+    assert report.conv_total == 6 and report.conv_int8 == 6, report.line()
+    assert report.float_compute == [] or all("Conv" not in op for _, op in report.float_compute)
+    assert report.int8_other.get("QLinearAdd", 0) >= 1, report.line()  # residual add stays int8
+
+
+def test_cnn_matches_the_quantized_model_at_other_batch_sizes(cnn, cnn_onnx):
+    model, qmodel = cnn
+    for batch in (1, 2, 7):
+        x = torch.randn(batch, 3, 32, 32)
+        with torch.no_grad():
+            ref, fp32 = qmodel(x), model(x)
+        got = _run(cnn_onnx.path, x)
+        assert got.shape == ref.shape
+        # ONNX Runtime requantizes each conv output once more than the fused PyTorch graph
+        assert _rel(got, ref) < 0.02
+        assert _rel(got, fp32) < 2 * _rel(ref, fp32) + 0.01
+
+
+def test_cnn_parity_report_names_every_layer(cnn, cnn_onnx):
+    meta = {p.key: p.value for p in onnx.load(str(cnn_onnx.path)).metadata_props}
+    layers = json.loads(meta["quantwise.layer_outputs"])
+    quantized = [n for n, m in cnn[1].named_modules() if isinstance(m, QuantizedLayer)]
+    assert sorted(layers) == sorted(quantized)
+    report = parity(cnn[1], cnn_onnx.path, [torch.randn(3, 3, 32, 32) for _ in range(2)])
+    assert report.ok, report.line()
+    assert [entry.name for entry in report.layers] == list(layers)
+    assert max(entry.rel_err for entry in report.layers) < 0.02
+
+
+def test_wrong_scale_is_caught_and_located(cnn, cnn_onnx, tmp_path):
+    """A corrupted weight scale in the file: parity fails and names that layer first."""
+    proto = onnx.load(str(cnn_onnx.path))
+    target = next(i for i in proto.graph.initializer
+                  if "block1" in i.name and "conv2" in i.name and i.name.endswith("w_scale"))
+    values = onnx.numpy_helper.to_array(target) * 3
+    target.CopyFrom(onnx.numpy_helper.from_array(values.astype(np.float32), target.name))
+    bad = tmp_path / "bad.onnx"
+    onnx.save(proto, str(bad))
+    report = parity(cnn[1], bad, [torch.randn(3, 3, 32, 32)])
+    assert not report.ok
+    assert report.first_jump == "block1.conv2"
+
+
+@pytest.mark.parametrize("preset", ["w8a8-dynamic", "w8a8", "w4", "w8", "fp16"])
+def test_mlp_presets_export_and_agree(preset, tmp_path):
+    torch.manual_seed(0)
+    model = MLP(widths=(64, 128, 128, 10)).eval()
+    calib = [torch.randn(16, 64) for _ in range(3)]
+    qmodel = quantwise.quantize(model, preset, calib, progress=False)
+    result = export_onnx(qmodel, calib[0], tmp_path / "mlp.onnx")
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        ref = qmodel(x)
+    got = _run(result.path, x)
+    tol = {"w4": 2e-2, "fp16": 1e-3}.get(preset, 1e-2)
+    assert _rel(got, ref) < tol, preset
+    ops = {k.split(".")[-1]: v for k, v in fusion_report(result.path).op_counts.items()}
+    if preset == "w8a8-dynamic":
+        assert ops.get("MatMulInteger", 0) == 3
+    if preset == "w4":
+        assert ops.get("MatMulNBits", 0) == 3  # int4 weights stay packed at run time
+    if preset == "w8a8":
+        assert fusion_report(result.path).matmul_int8 == 3
+
+
+def test_int4_file_is_small(tmp_path):
+    torch.manual_seed(0)
+    model = MLP(widths=(256, 512, 256)).eval()
+    fp32 = sum(p.numel() * 4 for p in model.parameters())
+    result = export_onnx(quantwise.quantize(model, "w4", progress=False), torch.randn(2, 256),
+                         tmp_path / "w4.onnx")
+    assert result.path.stat().st_size < 0.2 * fp32
+
+
+def test_per_token_dynamic_is_exact_up_to_float_rounding(tmp_path):
+    """Per-token scales: every row quantized on its own, rows with outliers included."""
+    torch.manual_seed(0)
+    layer = nn.Sequential(nn.Linear(96, 48))
+    qmodel = quantwise.quantize(layer, "w8a8-dynamic", progress=False)
+    path = export_onnx(qmodel, torch.randn(2, 7, 96), tmp_path / "tok.onnx").path
+    x = torch.randn(3, 11, 96)
+    x[0, 3] *= 1000  # an outlier token must not coarsen the other tokens
+    x[1, 4] = 0.0    # an all-zero token
+    with torch.no_grad():
+        ref = qmodel(x)
+    got = _run(path, x)
+    assert torch.allclose(got, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+
+
+def test_refuses_bad_requests(cnn, tmp_path):
+    model, qmodel = cnn
+    with pytest.raises(quantwise.ModelLoadError, match="no quantized layer"):
+        export_onnx(model, torch.randn(1, 3, 32, 32), tmp_path / "f.onnx")
+    with pytest.raises(quantwise.OutputPathError, match=".onnx"):
+        export_onnx(qmodel, torch.randn(1, 3, 32, 32), tmp_path / "f.txt")
+    existing = tmp_path / "exists.onnx"
+    existing.write_bytes(b"keep me")
+    with pytest.raises(quantwise.OutputPathError, match="overwrite"):
+        export_onnx(qmodel, torch.randn(1, 3, 32, 32), existing)
+    assert existing.read_bytes() == b"keep me"
+    with pytest.raises(quantwise.OutputPathError, match="does not exist"):
+        export_onnx(qmodel, torch.randn(1, 3, 32, 32), tmp_path / "no" / "f.onnx")
+
+
+def test_export_leaves_the_model_untouched(cnn, tmp_path):
+    _, qmodel = cnn
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        before = qmodel(x)
+    export_onnx(qmodel, x, tmp_path / "again.onnx")
+    with torch.no_grad():
+        assert torch.equal(qmodel(x), before)
