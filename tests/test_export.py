@@ -163,3 +163,14 @@ def test_export_leaves_the_model_untouched(cnn, tmp_path):
     export_onnx(qmodel, x, tmp_path / "again.onnx")
     with torch.no_grad():
         assert torch.equal(qmodel(x), before)
+
+
+def test_rounding_spread_is_reported_when_the_gate_is_missed(cnn, cnn_onnx):
+    """A strict gate fails; the report then says how far the model moves under float32-level
+    noise by itself, and whether the export's difference is within that spread."""
+    report = parity(cnn[1], cnn_onnx.path, [torch.randn(3, 3, 32, 32)], per_layer=False,
+                    max_rel_err=1e-9)
+    assert not report.ok
+    assert report.rounding_spread is not None and 0 <= report.rounding_spread < 0.05
+    assert ("within 2x" in report.line()) == report.within_spread
+    assert report.to_dict()["within_rounding_spread"] == report.within_spread

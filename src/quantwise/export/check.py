@@ -189,6 +189,9 @@ class ParityReport:
     top1_agreement: float | None  # 2-D [B, C] outputs only
     threshold: float
     ok: bool
+    # the torch model's own output change when every quantized layer's input moves by
+    # SPREAD_EPS relative (float32 rounding level); measured when the gate is exceeded
+    rounding_spread: float | None = None
     layers: list[LayerParity] = field(default_factory=list)
     first_jump: str | None = None
     notes: list[str] = field(default_factory=list)
@@ -198,10 +201,21 @@ class ParityReport:
         text = (f"ONNX vs torch on {self.samples} batches ({self.rows} rows): max rel err "
                 f"{self.max_rel_err:.3g} (mean {self.mean_rel_err:.3g}, gate {self.threshold:g}), "
                 f"cosine min {self.min_cosine:.6f}{top1}: {'OK' if self.ok else 'FAIL'}")
+        if self.rounding_spread is not None:
+            text += (f" (the PyTorch model itself moves by {self.rounding_spread:.3g} when its "
+                     f"quantized layers' inputs move by {SPREAD_EPS:g}: "
+                     + ("the difference is within 2x that float-rounding spread, so no "
+                        "runtime can agree much more closely: check the per-layer table, and "
+                        "raise the gate if its first layers agree" if self.within_spread
+                        else "the difference exceeds 2x that float-rounding spread") + ")")
         if self.first_jump is not None:
             err = next(x.rel_err for x in self.layers if x.name == self.first_jump)
             text += f"; first jump at layer {self.first_jump} (rel err {err:.3g})"
         return text
+
+    @property
+    def within_spread(self) -> bool:
+        return self.rounding_spread is not None and self.max_rel_err <= 2 * self.rounding_spread
 
     def table(self) -> str:
         rows = [self.line()] + ([""] + [f"- {n}" for n in self.notes] if self.notes else [])
@@ -218,7 +232,8 @@ class ParityReport:
 
     def to_dict(self) -> dict[str, Any]:
         # NaN / Infinity become the strings "NaN" / "Infinity": strict JSON has no such numbers
-        return {**json.loads(json.dumps(asdict(self)), parse_constant=str), "line": self.line()}
+        return {**json.loads(json.dumps(asdict(self)), parse_constant=str),
+                "within_rounding_spread": self.within_spread, "line": self.line()}
 
 
 def parity(model: nn.Module, path: str | os.PathLike, samples: Iterable[Any], *, per_layer: bool = True,
@@ -260,6 +275,12 @@ def parity(model: nn.Module, path: str | os.PathLike, samples: Iterable[Any], *,
     report = ParityReport(len(samples), len(cos), float(np.mean(rel)), worst, float(np.mean(cos)),
                           float(np.min(cos)), agree / n_top1 if n_top1 else None, max_rel_err,
                           ok=bool(worst <= max_rel_err), notes=notes)
+    if not report.ok and math.isfinite(worst):
+        # Rounding to integers is discontinuous: in a deep quantized model, float32-level
+        # differences (another runtime's softmax or GEMM order) flip some codes, and the flips
+        # grow layer by layer. Measure how far the model moves under such noise by itself.
+        # Reported, never used to widen the caller's gate.
+        report.rounding_spread = rounding_spread(model, samples)
     if per_layer:
         mapping = _layer_outputs(onnx, path)
         if mapping is None:
@@ -356,6 +377,41 @@ def _layer_outputs(onnx: Any, path: Path) -> dict[str, str] | None:
         raise CheckpointError(f"metadata {LAYER_OUTPUTS_KEY!r} of {path} must be a JSON object "
                               f"{{layer name: tensor name}}")
     return mapping
+
+
+SPREAD_EPS = 1e-7
+
+
+def rounding_spread(model: nn.Module, samples: list[Any], eps: float = SPREAD_EPS,
+                    seed: int = 0) -> float:
+    """Largest relative change of the model's output over `samples` when every quantized
+    layer's float input is multiplied by (1 + eps * N(0, 1)): how closely two correct
+    implementations of this quantized model can agree at all."""
+    debug = copy.deepcopy(model)
+    remove_int8_graph(debug)
+    remove_encoder_fastpath(debug)
+    gen = torch.Generator().manual_seed(seed)
+
+    def jitter(module: nn.Module, args: tuple) -> tuple | None:
+        x = args[0] if args else None
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            return None
+        noise = torch.randn(x.shape, generator=gen, dtype=torch.float32).to(x.dtype)
+        return (x * (1 + eps * noise), *args[1:])
+
+    worst = 0.0
+    with torch.no_grad():
+        for sample in samples:
+            ref = _numpy(_first_tensor(run_model(debug, sample)))
+            handles = [m.register_forward_pre_hook(jitter) for m in debug.modules()
+                       if isinstance(m, QuantizedLayer)]
+            try:
+                moved = _numpy(_first_tensor(run_model(debug, sample)))
+            finally:
+                for h in handles:
+                    h.remove()
+            worst = max(worst, _rel_err(ref, moved))
+    return worst
 
 
 def _layer_parity(onnx: Any, ort: Any, model: nn.Module, path: Path, mapping: dict[str, str],
