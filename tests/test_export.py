@@ -174,3 +174,20 @@ def test_rounding_spread_is_reported_when_the_gate_is_missed(cnn, cnn_onnx):
     assert report.rounding_spread is not None and 0 <= report.rounding_spread < 0.05
     assert ("within 2x" in report.line()) == report.within_spread
     assert report.to_dict()["within_rounding_spread"] == report.within_spread
+
+
+def test_large_models_go_to_external_data(cnn, tmp_path, monkeypatch):
+    """Past protobuf's 2 GB limit the weights go to a .data file beside the .onnx (threshold
+    lowered here so a small model takes that path)."""
+    from quantwise.export import onnx_export
+
+    monkeypatch.setattr(onnx_export, "TWO_GB", 64 * 2 ** 20 + 1000)
+    result = export_onnx(cnn[1], torch.randn(2, 3, 32, 32), tmp_path / "big.onnx")
+    assert result.external_data
+    data = tmp_path / "big.onnx.data"
+    assert data.exists() and data.stat().st_size > 0
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = cnn[1](x)
+    assert _rel(_run(result.path, x), ref) < 0.02
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left
