@@ -191,3 +191,28 @@ def test_large_models_go_to_external_data(cnn, tmp_path, monkeypatch):
         ref = cnn[1](x)
     assert _rel(_run(result.path, x), ref) < 0.02
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left
+
+
+def test_int4_convs_and_embeddings_stay_int4_in_the_file(tmp_path):
+    """4-bit weights that MatMulNBits does not cover go out as INT4 tensors (opset 21)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(512, 256), nn.Flatten(0, 0), nn.Linear(256, 8)).eval()
+    qmodel = quantwise.quantize(model, "w4", progress=False)
+    result = export_onnx(qmodel, torch.randint(0, 512, (2, 5)), tmp_path / "emb.onnx")
+    assert result.opset == 21 and not result.notes
+    proto = onnx.load(str(result.path))
+    assert any(i.data_type == onnx.TensorProto.INT4 and list(i.dims) == [512, 256]
+               for i in proto.graph.initializer)
+    assert result.path.stat().st_size < 0.2 * 4 * (512 * 256 + 256 * 8)
+    ids = torch.randint(0, 512, (3, 7))
+    with torch.no_grad():
+        ref = qmodel(ids)
+    assert _rel(_run(result.path, ids), ref) < 0.02  # torch's int4 GEMM rounds inputs to bf16
+
+    cnn = randomize_bn(MiniResNet())
+    qcnn = quantwise.quantize(cnn, "w4", progress=False)
+    result = export_onnx(qcnn, torch.randn(2, 3, 32, 32), tmp_path / "cnn4.onnx")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = qcnn(x)
+    assert result.opset == 21 and _rel(_run(result.path, x), ref) < 0.02

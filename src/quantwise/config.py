@@ -7,6 +7,12 @@
 
 A rule matches a layer by fnmatch `pattern` on its qualified name and optionally by module
 `types` (class names such as "Linear", "Conv2d"); the fields it sets override the defaults.
+
+`method` (None, "rtn", "gptq", "awq", "smoothquant") runs a model-level algorithm before the
+per-layer conversion (quantwise.methods); `method_args` are its options (see METHOD_ARGS):
+
+    cfg = Config.preset("w4-gptq")                        # int4 group 128, GPTQ
+    cfg = weight_method_config("gptq", bits=3, group_size=64, act_order=True, damp=0.01)
 """
 
 from __future__ import annotations
@@ -25,6 +31,21 @@ from quantwise.fileio import atomic_write_text
 from quantwise.spec import PerChannel, PerGroup, PerTensor, PerToken, QuantSpec
 
 CALIBRATORS = ("max", "percentile", "entropy", "mse")
+# Model-level methods (quantwise.methods) and the options each accepts in `method_args`.
+#   bits: weight bits (3..8) within the weight spec's format (3 bits: int4 codes in [-4, 3]).
+#   gptq: damp (fraction of mean diag(H) added, default 0.01), act_order (columns by descending
+#         diag(H); group scales then come from the original weight: "static groups"),
+#         block_size (lazy-batch width, 128).
+#   awq: grid (points for the exponent a in [0, 1), 20), max_shrink (clipping search down to
+#        1 - max_shrink of the group range, 0.5), clip_grid (20), n_samples (tokens kept per
+#        input for the searches, 512), scale (False: clipping only).
+#   smoothquant: alpha (fixed) or alphas (searched per layer).
+METHOD_ARGS: dict[str, frozenset[str]] = {
+    "rtn": frozenset({"bits"}),
+    "gptq": frozenset({"bits", "damp", "act_order", "block_size"}),
+    "awq": frozenset({"bits", "grid", "max_shrink", "clip_grid", "n_samples", "scale"}),
+    "smoothquant": frozenset({"alpha", "alphas"}),
+}
 _UNSET: Any = object()
 
 
@@ -141,6 +162,14 @@ class Config:
     rules: list[Rule] = field(default_factory=list)
     exclude: list[str] = field(default_factory=list)
     name: str = "custom"
+    method: str | None = None       # None | "rtn" | "gptq" | "awq" | "smoothquant"
+    method_args: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_method(self.method, self.method_args)
+        # One form (lists, not tuples) so that a YAML/JSON round trip compares equal.
+        self.method_args = {k: list(v) if isinstance(v, tuple) else v
+                            for k, v in dict(self.method_args).items()}
 
     def layer_config(self, name: str, module_type: str) -> tuple[LayerConfig, str]:
         """The LayerConfig for one layer and why: ('default', 'rule 2: *.fc', 'excluded by ...')."""
@@ -155,7 +184,8 @@ class Config:
     def with_rule(self, rule: Rule, first: bool = True) -> "Config":
         """A copy with `rule` added first (it then wins over the existing rules) or last."""
         rules = [rule, *self.rules] if first else [*self.rules, rule]
-        return replace(self, rules=rules, exclude=list(self.exclude))
+        return replace(self, rules=rules, exclude=list(self.exclude),
+                       method_args=dict(self.method_args))
 
     def with_calibrator(self, calibrator: str, **calibrator_args: Any) -> "Config":
         """A copy whose default (and every rule's) static calibrator is `calibrator`."""
@@ -163,24 +193,39 @@ class Config:
         rules = [replace(r, overrides={k: v for k, v in r.overrides.items()
                                        if k not in ("calibrator", "calibrator_args")})
                  for r in self.rules]
-        return replace(self, default=default, rules=rules, exclude=list(self.exclude))
+        return replace(self, default=default, rules=rules, exclude=list(self.exclude),
+                       method_args=dict(self.method_args))
 
     # -- files --------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "default": self.default.to_dict(),
-                "rules": [r.to_dict() for r in self.rules], "exclude": list(self.exclude)}
+        out = {"name": self.name, "default": self.default.to_dict(),
+               "rules": [r.to_dict() for r in self.rules], "exclude": list(self.exclude)}
+        if self.method is not None:  # absent for plain configs: older files stay identical
+            out["method"] = self.method
+            out["method_args"] = copy.deepcopy(self.method_args)
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Config":
         if not isinstance(data, dict):
             raise ConfigError(f"a config must be a mapping, got {type(data).__name__}")
-        _check_keys(data, {"name", "default", "rules", "exclude", "preset"}, "config")
+        _check_keys(data, {"name", "default", "rules", "exclude", "preset", "method", "method_args"},
+                    "config")
         base = cls.preset(data["preset"]) if "preset" in data else cls()
         default = LayerConfig.from_dict(data.get("default") or {}, base.default)
         rules = [Rule.from_dict(r) for r in data.get("rules") or []] + base.rules
         exclude = list(data.get("exclude") or []) + base.exclude
+        # A preset's method stays unless overridden; its args are kept (and updated by
+        # `method_args`) only while the method is the same.
+        method = data.get("method", base.method)
+        args = dict(base.method_args) if method == base.method else {}
+        extra = data.get("method_args") or {}
+        if not isinstance(extra, dict):
+            raise ConfigError(f"method_args must be a mapping, got {extra!r}")
+        args.update(extra)
         return cls(default=default, rules=rules, exclude=exclude,
-                   name=data.get("name", data.get("preset", "custom")))
+                   name=data.get("name", data.get("preset", "custom")), method=method,
+                   method_args=args)
 
     def save(self, path: str | Path) -> None:
         path = Path(path)
@@ -223,6 +268,46 @@ class Config:
                           "or a path to a .yaml/.json config file")
 
 
+def check_method(method: str | None, args: dict) -> None:
+    """Unknown methods, unknown or ill-typed method_args are errors that list the choices."""
+    if method is None:
+        if args:
+            raise ConfigError(f"method_args {sorted(args)} given without a method; valid methods: "
+                              f"{', '.join(METHOD_ARGS)}")
+        return
+    if method not in METHOD_ARGS:
+        raise ConfigError(f"unknown method {method!r}; valid methods: {', '.join(METHOD_ARGS)} "
+                          "(or none)")
+    _check_keys(args, set(METHOD_ARGS[method]), f"{method} method_args")
+    bits = args.get("bits")
+    if bits is not None and (not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= 8):
+        raise ConfigError(f"method_args bits must be an integer in 2..8, got {bits!r}")
+    for key in ("damp", "max_shrink", "alpha"):
+        value = args.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not 0 <= value <= 1):
+            raise ConfigError(f"method_args {key} must be a number in [0, 1], got {value!r}")
+    for key in ("grid", "clip_grid", "n_samples", "block_size"):
+        value = args.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"method_args {key} must be a positive integer, got {value!r}")
+
+
+def weight_method_config(method: str = "gptq", bits: int = 4, group_size: int | None = 128,
+                         **method_args: Any) -> Config:
+    """Weight-only config for `method` ("rtn", "gptq", "awq") at `bits` (3, 4 or 8) and
+    `group_size` (None: per output channel). 3 and 4 bits are stored as int4 (3 bits: codes
+    in [-4, 3]), 8 bits as int8; options (damp, act_order, grid, ...) go to method_args."""
+    if bits not in (2, 3, 4, 5, 6, 7, 8):
+        raise ConfigError(f"bits must be in 2..8, got {bits!r}")
+    granularity = PerChannel(0) if group_size is None else PerGroup(group_size)
+    spec = QuantSpec("int4" if bits <= 4 else "int8", symmetric=True, granularity=granularity)
+    args = {"bits": bits, **method_args} if bits not in (4, 8) else dict(method_args)
+    group = "ch" if group_size is None else f"g{group_size}"
+    return Config(LayerConfig(weight=spec), name=f"w{bits}-{method}-{group}", method=method,
+                  method_args=args)
+
+
 def _check_keys(data: dict[str, Any], allowed: set[str], what: str) -> None:
     if not isinstance(data, dict):
         raise ConfigError(f"a {what} must be a mapping, got {data!r}")
@@ -245,6 +330,11 @@ PRESETS: dict[str, Config] = {
                            name="w8a8-dynamic"),
     "w8": Config(LayerConfig(weight=_W8), name="w8"),
     "w4": Config(LayerConfig(weight=_W4), name="w4"),
+    # Model-level methods run before conversion (quantwise.methods), block by block.
+    "w4-gptq": Config(LayerConfig(weight=_W4), name="w4-gptq", method="gptq"),
+    "w4-awq": Config(LayerConfig(weight=_W4), name="w4-awq", method="awq"),
+    "w8a8-smoothquant": Config(LayerConfig(weight=_W8, activation=_A8_STATIC),
+                               name="w8a8-smoothquant", method="smoothquant"),
     "fp16": Config(LayerConfig(weight=QuantSpec("fp16")), name="fp16"),
     "bf16": Config(LayerConfig(weight=QuantSpec("bf16")), name="bf16"),
 }

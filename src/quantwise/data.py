@@ -1,7 +1,9 @@
 """Calibration and evaluation data: built-in data sets, text files and folders of tensors.
 
-Built-in names: "digits" (scikit-learn digits, calib split) and "stdlib-text" (English sentences
-from the docstrings of Python's standard library, so no download is ever needed).
+Built-in names: "digits" (scikit-learn digits, calib split), "stdlib-text" (English sentences
+from the docstrings of Python's standard library) and "stdlib-code" (byte-token windows of the
+standard library's source files, calib split; see quantwise.models.stdlib_lm), so no download is
+ever needed.
 A model input is a Tensor, a tuple of Tensors, or a dict of keyword tensors.
 """
 
@@ -23,7 +25,8 @@ from torch import Tensor
 from quantwise.errors import DataLoadError
 
 ModelInput = Union[Tensor, tuple, dict]
-BUILTIN_DATA = ("digits", "stdlib-text")
+BUILTIN_DATA = ("digits", "stdlib-text", "stdlib-code")
+STDLIB_CODE_CALIB_WINDOWS = 128  # windows of 256 byte tokens from the calib files
 TENSOR_SUFFIXES = (".npy", ".safetensors")
 
 # Fixed, sorted list: the corpus must not depend on what happens to be imported already.
@@ -260,7 +263,8 @@ def load_calibration_data(spec: str, model_info: Any = None, tokenizer: Any = No
                           batch_size: int = 32, limit: int | None = None) -> list[ModelInput]:
     """Turn a data spec into a list of model inputs (batches).
 
-    spec: "digits", "stdlib-text", a text file (one sample a line, tokenized into dict batches),
+    spec: "digits", "stdlib-text", "stdlib-code" (dicts {"input_ids": [B, 256]} of byte tokens,
+    STDLIB_CODE_CALIB_WINDOWS windows unless limit says otherwise), a text file (one sample a line, tokenized into dict batches),
     or a .npy / .safetensors file or a folder of them (sorted; each file is a sample or a batch;
     consecutive same-shaped files are merged into batches of up to batch_size).
     limit caps the number of samples. Errors raise DataLoadError.
@@ -274,6 +278,14 @@ def load_calibration_data(spec: str, model_info: Any = None, tokenizer: Any = No
             raise DataLoadError("'digits' images cannot feed a text embedder; use 'stdlib-text' or a text file")
         images = digits_data("calib")[0][:limit]
         return [images[i:i + batch_size] for i in range(0, len(images), batch_size)]
+    if spec == "stdlib-code":
+        from quantwise.models.stdlib_lm import lm_batches
+
+        kind = getattr(model_info, "kind", None)
+        if kind not in (None, "causal-lm", "custom"):
+            raise DataLoadError(f"'stdlib-code' is byte-token windows for a byte-level causal LM "
+                                f"(stdlib-lm); it cannot feed a {kind}")
+        return lm_batches("calib", limit or STDLIB_CODE_CALIB_WINDOWS, batch_size)
     if spec == "stdlib-text":
         tok = _tokenizer_for(model_info, tokenizer, "'stdlib-text'")
         return _batched_text(corpus_split("calib")[:limit], tok, batch_size)

@@ -30,9 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quantwise.kernels.base import TINY
+from quantwise.kernels.base import TINY, f32
 from quantwise.kernels.int8_linear import IntMMLinear
 from quantwise.modules import QuantizedLayer
+from quantwise.spec import Format, PerTensor
 from quantwise.state import QuantState
 
 
@@ -64,6 +65,63 @@ def _per_token_kernel(module: Any) -> Optional[IntMMLinear]:
     return None
 
 
+def _static_int8(module: Any) -> bool:
+    """A Linear with static per-tensor int8/uint8 input and symmetric int8 per-output-channel
+    weights (whatever kernel the per-layer path picked: the fast path uses the codes)."""
+    if not (isinstance(module, QuantizedLayer) and module.kind == "linear" and not module.dynamic
+            and module.act_spec is not None and module.weight_zero_point is None
+            and module.weight_spec.format == Format.INT8 and module.tied_to is None
+            and module.kernel is not None and module.fallback_reason is None):
+        return False
+    act = module.act_spec
+    return (act.format in (Format.INT8, Format.UINT8) and isinstance(act.granularity, PerTensor)
+            and module.weight_scale.numel() == module.weight_shape[0])
+
+
+class _Lin:
+    """What the fast path needs of one Linear: int8 weight [K, N] (a view), the float scale
+    per output column, the bias, and for static inputs the quantization constants.
+
+    Static: y = acc * (w_scale * x_scale) + (bias - zx * colsum(W) * w_scale * x_scale), where
+    acc = _int_mm(codes - 0, W) with codes = clamp(round(x / (x_scale * s)) + zx) in int8
+    (uint8 inputs shifted by -128 together with their zero point); `s` is the explicit
+    SmoothQuant division (or 1). Dynamic (per-token): the per-layer IntMMLinear arithmetic."""
+
+    def __init__(self, module: QuantizedLayer, smooth: Optional[torch.Tensor] = None) -> None:
+        kernel = _per_token_kernel(module)
+        self.static = kernel is None
+        self.smooth = None if smooth is None else smooth.detach().to(torch.float32).contiguous()
+        if not self.static:
+            self.w_t, self.col_scale, self.bias = kernel.w_t, kernel.w_scale, kernel.bias
+            self.qmax = kernel.qmax
+            return
+        act = module.act_spec
+        shift = 0 if act.format.is_signed else -128
+        codes = module.weight.to(torch.int8)
+        self.w_t = codes.t()
+        x_scale = f32(module.input_scale)
+        self.zp = int(module.input_zero_point) + shift
+        self.lo, self.hi = act.qmin + shift, act.qmax + shift
+        self.x_scale = x_scale
+        self.div = (torch.tensor(x_scale, dtype=torch.float32) if self.smooth is None
+                    else (self.smooth * x_scale).contiguous())
+        self.col_scale = (module.weight_scale.to(torch.float32) * x_scale).contiguous()
+        bias = (torch.zeros(codes.shape[0]) if module.bias is None
+                else module.bias.detach().to(torch.float32))
+        if self.zp:
+            colsum = codes.sum(dim=1, dtype=torch.int32).to(torch.float64)
+            bias = (bias.double() - self.zp * colsum * self.col_scale.double()).float()
+        self.bias = bias.contiguous()
+
+    def same_input(self, other: "_Lin") -> bool:
+        if self.static != other.static:
+            return False
+        if not self.static:
+            return self.qmax == other.qmax
+        return (self.zp, self.lo, self.hi) == (other.zp, other.lo, other.hi) and torch.equal(
+            self.div, other.div)
+
+
 def _bert_parts(layer: nn.Module) -> Optional[dict]:
     """The submodules of a BERT-style layer, or None if `layer` does not look like one."""
     try:
@@ -84,8 +142,10 @@ def _why_not(layer: nn.Module, parts: dict) -> Optional[str]:
         return "decoder / cross-attention layer"
     if getattr(layer, "chunk_size_feed_forward", 0):
         return "chunked feed-forward"
-    if not all(_per_token_kernel(parts[k]) for k in ("q", "k", "v", "o", "i", "f")):
-        return "its Linears are not all per-token dynamic int8 with symmetric weights"
+    if not all(_per_token_kernel(parts[k]) or _static_int8(parts[k])
+               for k in ("q", "k", "v", "o", "i", "f")):
+        return ("its Linears are not all int8 (per-token dynamic, or static per-tensor) with "
+                "symmetric per-channel weights")
     heads = getattr(parts["self"], "num_attention_heads", None)
     if not heads or parts["q"].weight_shape[0] % heads:
         return "unknown number of attention heads"

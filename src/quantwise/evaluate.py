@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 import tempfile
 import time
@@ -52,7 +53,10 @@ def evaluate(model: nn.Module, data: Iterable[Any], metric: str = "top1",
              reference: nn.Module | None = None) -> EvalResult:
     """Score `model` on `data`.
 
-    top1: batches of (inputs, labels).  perplexity: batches of token ids (or dicts with input_ids).
+    top1: batches of (inputs, labels).
+    perplexity (lower is better): batches of token ids [B, T] (or dicts with input_ids, and an
+    optional attention_mask whose 0 positions are not scored); exp of the mean next-token NLL
+    over every predicted token of every batch, summed batch by batch in float64.
     cosine / sqnr: batches of inputs; compared with `reference`'s outputs on the same inputs.
     """
     if metric not in METRICS:
@@ -61,6 +65,7 @@ def evaluate(model: nn.Module, data: Iterable[Any], metric: str = "top1",
         raise QuantwiseError(f"metric {metric!r} compares with a reference: pass reference=float_model")
     model.eval()
     outs, refs, labels = [], [], []
+    nll, tokens = 0.0, 0
     for batch in nonempty(data, "evaluation data"):
         if metric == "top1":
             inputs, target = batch
@@ -68,15 +73,20 @@ def evaluate(model: nn.Module, data: Iterable[Any], metric: str = "top1",
             labels.append(target)
         elif metric == "perplexity":
             ids = batch["input_ids"] if isinstance(batch, dict) else batch
-            outs.append(_logits(run_model(model, batch)).float())
-            labels.append(ids)
+            mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+            if mask is not None:
+                ids = ids.masked_fill(mask == 0, -100)  # padding is not predicted
+            batch_nll, batch_tokens = metrics.nll_sum(_logits(run_model(model, batch)).float(), ids)
+            nll, tokens = nll + batch_nll, tokens + batch_tokens
         else:
             outs.append(_logits(run_model(model, batch)).float().flatten(1))
             refs.append(_logits(run_model(reference, batch)).float().flatten(1))
     if metric == "top1":
         return EvalResult("top1", metrics.top1_accuracy(torch.cat(outs), torch.cat(labels)))
     if metric == "perplexity":
-        return EvalResult("perplexity", metrics.perplexity(torch.cat(outs), torch.cat(labels)))
+        if tokens == 0:
+            raise QuantwiseError("perplexity: no tokens to predict (sequences shorter than 2, or all padding)")
+        return EvalResult("perplexity", math.exp(nll / tokens))
     out, ref = torch.cat(outs), torch.cat(refs)
     if metric == "sqnr":
         return EvalResult("sqnr", metrics.sqnr_db(ref, out))

@@ -66,13 +66,23 @@ def default_out(model_ref: str, config_name: str) -> Path:
     return Path("quantwise-out") / f"{stem}-{config_name}"
 
 
+EVAL_LM_WINDOWS = 64  # held-out windows (256 byte tokens each) for stdlib-lm in the job
+
+
 def eval_batches(info: ModelInfo, calib: list[Any]) -> tuple[list[Any], str]:
-    """Held-out evaluation data and the metric for a model; custom models use their calib data."""
+    """Held-out evaluation data and the metric for a model; custom models use their calib data.
+
+    stdlib-code: lm_windows("heldout", EVAL_LM_WINDOWS) in batches of 16, metric perplexity.
+    """
     if info.eval_data == "digits":
         from quantwise.models.digits import digits_data
 
         images, labels = digits_data("test")
         return [(images[i:i + 64], labels[i:i + 64]) for i in range(0, len(images), 64)], "top1"
+    if info.eval_data == "stdlib-code":
+        from quantwise.models.stdlib_lm import lm_batches
+
+        return lm_batches("heldout", EVAL_LM_WINDOWS, batch_size=16), "perplexity"
     if info.eval_data == "stdlib-text":
         from quantwise.models.minilm import load_tokenizer, tokenize
 

@@ -90,6 +90,30 @@ def relative_error(reference: torch.Tensor, approx: torch.Tensor) -> float:
     return math.inf if norm == 0.0 else err / norm
 
 
+def nll_sum(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> tuple[float, int]:
+    """Sum of the next-token negative log-likelihoods (nats, float64) and how many were predicted.
+
+    Same shapes and shift as `perplexity`; summing per batch and dividing once at the end gives
+    exactly the perplexity of all batches together without holding all logits.
+
+    Example:
+        >>> nll_sum(torch.zeros(1, 3, 4), torch.tensor([[0, 1, 2]]))[1]
+        2
+    """
+    if logits.dim() == 2:
+        logits, labels = logits.unsqueeze(0), labels.unsqueeze(0)
+    if logits.dim() != 3 or labels.shape != logits.shape[:2]:
+        raise ValueError(f"perplexity: expected logits (batch, seq, vocab) and labels "
+                         f"(batch, seq), got {tuple(logits.shape)} and {tuple(labels.shape)}")
+    pred = logits[:, :-1].detach().double().reshape(-1, logits.shape[-1])
+    target = labels[:, 1:].reshape(-1).to(device=pred.device, dtype=torch.long)
+    count = int((target != ignore_index).sum())
+    if count == 0:
+        return 0.0, 0
+    nll = F.cross_entropy(pred, target, ignore_index=ignore_index, reduction="sum")
+    return float(nll), count
+
+
 def perplexity(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> float:
     """Causal-LM perplexity: exp of the mean cross-entropy of predicting token t+1 from t.
 
@@ -101,16 +125,8 @@ def perplexity(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -
         >>> round(perplexity(uniform, torch.randint(0, 10, (1, 5))), 6)
         10.0
     """
-    if logits.dim() == 2:
-        logits, labels = logits.unsqueeze(0), labels.unsqueeze(0)
-    if logits.dim() != 3 or labels.shape != logits.shape[:2]:
-        raise ValueError(f"perplexity: expected logits (batch, seq, vocab) and labels "
-                         f"(batch, seq), got {tuple(logits.shape)} and {tuple(labels.shape)}")
-    pred = logits[:, :-1].detach().double().reshape(-1, logits.shape[-1])
-    target = labels[:, 1:].reshape(-1).to(device=pred.device, dtype=torch.long)
-    count = int((target != ignore_index).sum())
+    nll, count = nll_sum(logits, labels, ignore_index)
     if count == 0:
         raise ValueError("perplexity: no tokens to predict "
                          "(sequences shorter than 2, or all ignored)")
-    nll = F.cross_entropy(pred, target, ignore_index=ignore_index, reduction="sum")
-    return math.exp(float(nll) / count)
+    return math.exp(nll / count)

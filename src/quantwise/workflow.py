@@ -26,6 +26,7 @@ from quantwise.config import Config
 from quantwise.fold import find_conv_bn_pairs, fold_conv_bn
 from quantwise.encoder import apply_encoder_fastpath
 from quantwise.int8graph import apply_int8_graph
+from quantwise.methods import PRECOMPUTED_ATTR, apply_method
 from quantwise.errors import CalibrationError, QuantwiseError, QuantwiseWarning
 from quantwise.modules import ObservedLayer, QuantizedLayer, is_supported, kind_of, unsupported_reason
 from quantwise.modules import float_weight, weight_spec_for
@@ -219,6 +220,11 @@ def _convert_layer(obs: ObservedLayer, record: LayerRecord, tied: dict) -> Quant
         owner = None
         w = weight.detach().float().contiguous()
         scale, zp = qparams_from_range(*tensor_range(w, spec), spec)
+        pre = getattr(module, PRECOMPUTED_ATTR, None)  # left by a method (GPTQ, AWQ, ...)
+        if pre is not None and tuple(pre[0].shape) == tuple(scale.shape):
+            scale, zp = pre[0].to(torch.float32), pre[1].to(torch.int32)
+        elif pre is not None:
+            _note(record, "method's weight qparams do not fit this layer's spec: round-to-nearest")
         codes = quantize_tensor(w, scale, zp, spec)
     bias = getattr(module, "bias", None)
     layer_args = conv_args(module) if kind in ("conv", "conv_transpose") else {}
@@ -279,6 +285,9 @@ def quantize(model: nn.Module, config: "Config | str" = "w8a8", calib_data: Iter
              fuse: bool = True) -> nn.Module:
     """Quantize a copy of `model` with `config` (a Config, preset name or file path).
 
+    A config with a `method` ("gptq", "awq", "smoothquant", "rtn") runs it on a copy of the
+    float model first (quantwise.methods), using `calib_data`, which it then requires.
+
     `calib_data` is an iterable of model inputs (Tensor, tuple of Tensors, or dict of keyword
     arguments); it is required when the config has static activations. Weight-only and dynamic
     configs have nothing to calibrate: given data, they run its first sample once, which checks
@@ -286,8 +295,18 @@ def quantize(model: nn.Module, config: "Config | str" = "w8a8", calib_data: Iter
     """
     config = Config.resolve(config)
     needs_data = _needs_calibration(model, config)
-    if needs_data or calib_data is not None:
-        calib_data = nonempty(calib_data)
+    if needs_data or calib_data is not None or config.method not in (None, "rtn"):
+        what = f"calibration data (method {config.method!r} needs it)" if config.method else None
+        calib_data = nonempty(calib_data, what or "calibration data")
+    if config.method is not None:
+        # A model-level method (GPTQ, AWQ, SmoothQuant, ...) changes a copy of the float model
+        # first; the usual prepare/calibrate/convert follow, and convert() takes the weight
+        # qparams the method left on each layer.
+        if calib_data is not None and not hasattr(calib_data, "__len__"):
+            calib_data = list(calib_data)  # it is read twice: by the method, then calibration
+        work = copy.deepcopy(model)
+        apply_method(work, config, calib_data, progress=progress)
+        model = work
     prepared = prepare(model, config, source=source)
     if needs_data:
         calibrate(prepared, calib_data, progress=progress)

@@ -95,7 +95,8 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
     """Export a quantwise-quantized model as an ONNX QDQ graph (see the module docstring).
 
     `example_inputs`: one batch as the model takes it (tensor, tuple, or dict of keyword
-    tensors). With `dynamic`, batch and sequence axes are left free. The file is written
+    tensors). 4-bit weights that are not a MatMulNBits case (embeddings, convs, asymmetric)
+    are stored as INT4 tensors, which needs opset 21: the opset is raised to 21 for them. With `dynamic`, batch and sequence axes are left free. The file is written
     atomically; an existing file is replaced only with `overwrite`.
     """
     path = Path(path)
@@ -112,9 +113,14 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
                              "(quantwise.quantize) or export the float model with torch.onnx.export")
     args, kwargs = _as_call(example_inputs)
     twin, paths, notes = build_twin(model)
+    if opset < 21 and any(getattr(m, "mode", None) == "dq4" for m in twin.modules()):
+        opset = 21  # INT4 tensors and blocked DequantizeLinear
     shapes, axes = _dynamic_shapes(args, kwargs) if dynamic else (None, {})
     program = _export(twin, args, kwargs, shapes, opset)
+    ops.int4_initializers(program.model)
     layers = _layer_outputs(program.model, paths)
+    for node in program.model.graph:  # the exporter's per-node stack traces and scopes: not shipped
+        node.metadata_props.clear()
     program.model.metadata_props["quantwise.version"] = __version__
     program.model.metadata_props["quantwise.layer_outputs"] = json.dumps(layers)
     if notes:

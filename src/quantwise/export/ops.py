@@ -9,6 +9,7 @@ is one custom op here, so it reaches ONNX as exactly the nodes runtimes pattern-
 | quantwise::dq_weight      | (codes - zp) * scale along an axis     | DequantizeLinear of the int8 initializer |
 | quantwise::dynamic_matmul | run-time symmetric int8 (per token or per tensor) x int8 weight | ReduceMax/Div/Round/Clip/Cast, MatMulInteger, rescale |
 | quantwise::matmul_nbits   | int4 per-group weight-only matmul      | com.microsoft MatMulNBits              |
+| quantwise::dq_int4        | 4-bit codes -> float (axis or blocks)  | INT4 initializer -> DequantizeLinear (opset 21) |
 
 The torch implementations are the reference the tests compare the runtime with; the exporter
 never runs them on real data (torch.export uses the fake kernels for shapes).
@@ -22,6 +23,7 @@ import numpy as np
 import onnx
 import torch
 from onnxscript import opset18 as op
+from onnxscript import opset21 as op21
 from onnxscript.values import Opset
 
 from quantwise.numerics import TINY
@@ -166,12 +168,74 @@ def matmul_nbits_onnx(x, packed, scales, bias, k: int, n: int, block: int):
     return y if bias is None else op.Add(y, bias)
 
 
+# -- dq_int4: 4-bit weights, int4 in the file (opset 21: INT4 tensors, blocked DequantizeLinear) ---
+
+@torch.library.custom_op("quantwise::dq_int4", mutates_args=())
+def dq_int4(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int,
+            block: int, signed: bool) -> torch.Tensor:
+    """codes (int8/uint8 holding 4-bit values) -> float: per tensor (scalar scale), per axis
+    (1-D scale along `axis`) or in blocks of `block` along `axis` (scale shaped like codes
+    with that dim divided by `block`)."""
+    values = codes.to(torch.int32)
+    if block:
+        scale = scale.repeat_interleave(block, dim=axis)
+        zero_point = zero_point.repeat_interleave(block, dim=axis)
+    elif scale.dim() == 1:
+        shape = [1] * codes.dim()
+        shape[axis] = -1
+        scale, zero_point = scale.reshape(shape), zero_point.reshape(shape)
+    return (values - zero_point.to(torch.int32)).float() * scale
+
+
+@dq_int4.register_fake
+def _(codes, scale, zero_point, axis, block, signed):
+    return torch.empty(codes.shape, dtype=torch.float32)
+
+
+def dq_int4_onnx(codes, scale, zero_point, axis: int, block: int, signed: bool):
+    four = onnx.TensorProto.INT4 if signed else onnx.TensorProto.UINT4
+    # The Casts of constant codes become INT4 initializers after export (int4_initializers).
+    x, z = op21.Cast(codes, to=four), op21.Cast(zero_point, to=four)
+    if block:
+        return op21.DequantizeLinear(x, scale, z, axis=axis, block_size=block)
+    return op21.DequantizeLinear(x, scale, z, axis=axis)
+
+
+def int4_initializers(model) -> int:
+    """Replace Cast(int8 initializer -> INT4/UINT4) by an INT4/UINT4 initializer (two codes per
+    byte in the file); returns how many. `model` is the exporter's onnx_ir Model."""
+    import ml_dtypes
+    import onnx_ir as ir
+
+    kinds = {int(ir.DataType.INT4): (ir.DataType.INT4, ml_dtypes.int4),
+             int(ir.DataType.UINT4): (ir.DataType.UINT4, ml_dtypes.uint4)}
+    graph, done = model.graph, 0
+    for node in list(graph):
+        if node.op_type != "Cast" or node.domain not in ("", "ai.onnx"):
+            continue
+        to = node.attributes.get("to")
+        source = node.inputs[0]
+        if to is None or int(to.value) not in kinds or source is None or source.const_value is None:
+            continue
+        dtype, np_type = kinds[int(to.value)]
+        array = source.const_value.numpy().astype(np_type)
+        value = ir.Value(name=f"{source.name}_int4", shape=ir.Shape(array.shape),
+                         type=ir.TensorType(dtype), const_value=ir.Tensor(array, dtype=dtype))
+        graph.register_initializer(value)
+        ir.convenience.replace_all_uses_with(node.outputs[0], value)
+        graph.remove(node, safe=True)
+        if not source.uses() and source.name in graph.initializers:
+            del graph.initializers[source.name]
+        done += 1
+    return done
+
+
 def translation_table() -> dict:
     """custom_translation_table for torch.onnx.export."""
     ops = torch.ops.quantwise
     return {ops.qdq.default: qdq_onnx, ops.dq_weight.default: dq_weight_onnx,
             ops.dynamic_matmul.default: dynamic_matmul_onnx,
-            ops.matmul_nbits.default: matmul_nbits_onnx}
+            ops.matmul_nbits.default: matmul_nbits_onnx, ops.dq_int4.default: dq_int4_onnx}
 
 
 def pack_nbits(codes: torch.Tensor, block: int) -> torch.Tensor:

@@ -86,6 +86,8 @@ class LayerTwin(nn.Module):
                                  .reshape(-1).contiguous())
             self.nbits = (k, n, block)
             return "nbits", None
+        if fmt.bits == 4:
+            return self._int4(layer, codes, fmt, g)
         if isinstance(g, PerGroup):
             return self._float(layer, f"per-group ({g.size}) {fmt.value} weights of this layer are "
                                       "not a MatMulNBits case; exported as float32")
@@ -112,6 +114,28 @@ class LayerTwin(nn.Module):
         note = None if fmt.bits == 8 else f"{fmt.value} codes stored as 8-bit in the ONNX file"
         return "dq", note
 
+    def _int4(self, layer: QuantizedLayer, codes: torch.Tensor, fmt, g) -> tuple[str, None]:
+        """4-bit codes kept 4-bit in the file: INT4/UINT4 initializer + DequantizeLinear, per
+        axis or in blocks along the input dim (opset 21)."""
+        storage = torch.int8 if fmt.is_signed else torch.uint8
+        scale, zp = layer.weight_scale.float(), layer.zero_points().to(storage)
+        axis, block = 0, 0
+        if isinstance(g, PerGroup):
+            axis, block = 1, g.size
+            scale, zp = scale.reshape(codes.shape[0], -1), zp.reshape(codes.shape[0], -1)
+        elif isinstance(g, PerChannel):
+            axis = g.axis % codes.dim()
+        if self.kind == "linear":  # [K, N] for MatMul: the blocked / channel axis moves
+            codes = codes.t()
+            axis = 1 - axis if (block or isinstance(g, PerChannel)) else 0
+            if block:
+                scale, zp = scale.t(), zp.t()
+        self.register_buffer("codes", codes.to(storage).contiguous())
+        self.register_buffer("w_scale", scale.contiguous())
+        self.register_buffer("w_zero_point", zp.reshape(scale.shape).contiguous())
+        self.int4 = (axis, block, fmt.is_signed)
+        return "dq4", None
+
     def _float(self, layer: QuantizedLayer, note: str) -> tuple[str, str]:
         w = _dequantized_weight(layer)
         self.register_buffer("weight", w.t().contiguous() if self.kind == "linear" else w)
@@ -125,6 +149,8 @@ class LayerTwin(nn.Module):
             self.register_buffer("w_zero_point", layer.zero_points().to(torch.float32)
                                  .expand(codes.shape[0]).contiguous())
             return "gather", None
+        if fmt.bits == 4:
+            return self._int4(layer, codes, fmt, g)
         w = _dequantized_weight(layer)
         self.register_buffer("weight", w)
         return "float", f"{fmt.value} embedding exported as a float32 table"
@@ -133,6 +159,8 @@ class LayerTwin(nn.Module):
     def weight_value(self) -> torch.Tensor:
         if self.mode == "dq":
             return _QDQ.dq_weight(self.codes, self.w_scale, self.w_zero_point, self.axis)
+        if self.mode == "dq4":
+            return _QDQ.dq_int4(self.codes, self.w_scale, self.w_zero_point, *self.int4)
         return self.weight.float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -158,8 +186,8 @@ class LayerTwin(nn.Module):
         return conv(x, w, self.bias, a["stride"], a["padding"], a["dilation"], a["groups"])
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
-        if self.mode == "float":
-            return F.embedding(ids, self.weight)
+        if self.mode in ("float", "dq4"):
+            return F.embedding(ids, self.weight_value())
         rows = F.embedding(ids, self.codes).float()
         zp = F.embedding(ids, self.w_zero_point.unsqueeze(-1))
         scale = F.embedding(ids, self.w_scale.unsqueeze(-1))

@@ -29,10 +29,10 @@ class ModelInfo:
     """
 
     name: str
-    kind: str  # "classifier" | "embedder" | "custom"
+    kind: str  # "classifier" | "embedder" | "causal-lm" | "custom"
     calib_data: str | None
     eval_data: str | None
-    metric: str  # "top1" | "cosine"
+    metric: str  # "top1" | "cosine" | "perplexity"
     input_shape: tuple[int, ...] | None = None
     source: str | None = None
 
@@ -55,7 +55,14 @@ def _minilm_source() -> str:
     return str(default_minilm_path())
 
 
-BUILTIN_MODELS: dict[str, Callable[[], nn.Module]] = {"digits": _load_digits, "minilm": _load_minilm}
+def _load_stdlib_lm() -> nn.Module:
+    from quantwise.models.stdlib_lm import load_stdlib_lm
+
+    return load_stdlib_lm()
+
+
+BUILTIN_MODELS: dict[str, Callable[[], nn.Module]] = {"digits": _load_digits, "minilm": _load_minilm,
+                                                      "stdlib-lm": _load_stdlib_lm}
 
 
 def builtin_info(name: str) -> ModelInfo:
@@ -64,6 +71,8 @@ def builtin_info(name: str) -> ModelInfo:
         return ModelInfo("digits", "classifier", "digits", "digits", "top1", input_shape=(1, 8, 8))
     if name == "minilm":
         return ModelInfo("minilm", "embedder", "stdlib-text", "stdlib-text", "cosine", source=_minilm_source())
+    if name == "stdlib-lm":
+        return ModelInfo("stdlib-lm", "causal-lm", "stdlib-code", "stdlib-code", "perplexity")
     raise ModelLoadError(f"unknown built-in model {name!r}; built-in models: {_builtin_names()}")
 
 

@@ -1,0 +1,139 @@
+"""GPTQ (Frantar et al. 2022): per Linear, minimize ||W X - W_hat X||^2 column by column.
+
+    H = 2/n sum x x^T over the layer's calibration inputs (float64 accumulator)
+    H += damp * mean(diag H) * I                          (damp: 1% by default)
+    U = cholesky(H^-1) upper                               (the rows of H^-1 needed, stably)
+    for each column i (in order, or by descending diag(H) with act_order):
+        q_i = quant(w_i); err = (w_i - q_i) / U[i, i]
+        w_j -= err * U[i, j] for the remaining columns j  (lazily, in blocks of `block_size`)
+
+Group scales: without act_order, a group's scales are computed when its first column is reached,
+from the weight as updated so far (the reference algorithm). With act_order the columns are
+visited out of order, so a group's columns are not contiguous any more; we use "static groups":
+every group's scales are computed once from the original weight before any column is quantized,
+and each column uses the scales of the group it belongs to in the original order. The stored
+format thus stays plain per-group (no g_idx permutation), exactly what convert() and the int4
+kernels expect.
+
+Dead inputs (diag(H) == 0: the input channel was always zero) get H[i, i] = 1 and their weight
+column is quantized as is (it never mattered).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from quantwise.methods.weights import WeightTarget, fake_quant, group_qparams
+
+
+@dataclass
+class HessianAccumulator:
+    """Running H = 2/n sum x x^T (float64) over rows x of a Linear's inputs."""
+
+    columns: int
+    h: torch.Tensor | None = None
+    n: int = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, self.columns).float()
+        m = x.shape[0]
+        if m == 0:
+            return
+        if self.h is None:
+            self.h = torch.zeros(self.columns, self.columns, dtype=torch.float64)
+        # float32 product of one batch (exact enough: a few thousand terms), float64 running sum
+        self.h.mul_(self.n / (self.n + m))
+        self.n += m
+        self.h.add_((x.t() @ x).double(), alpha=2.0 / self.n)
+
+    def value(self) -> torch.Tensor:
+        if self.h is None:
+            return torch.zeros(self.columns, self.columns, dtype=torch.float64)
+        return self.h
+
+
+def gptq_quantize(w: torch.Tensor, h: torch.Tensor, target: WeightTarget, *, damp: float = 0.01,
+                  act_order: bool = False, block_size: int = 128
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GPTQ of w [out, in] with Hessian h [in, in].
+
+    Returns (dequantized weight [out, in] float32, scale [out, in // group] float32,
+    zero point [out, in // group] int32): the dequantized weight is (q - zp) * scale exactly."""
+    rows, cols = w.shape
+    group = target.group
+    n_groups = cols // group
+    W = w.detach().to(torch.float32).clone()
+    H = h.detach().to(torch.float64).clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+
+    scale = torch.empty(rows, n_groups, dtype=torch.float32)
+    zp = torch.empty(rows, n_groups, dtype=torch.int32)
+    static = act_order or n_groups == 1
+    if static:  # every group's scales from the original weight (see the module docstring)
+        s, z = group_qparams(W.reshape(rows, n_groups, group), target)
+        scale.copy_(s)
+        zp.copy_(z)
+
+    perm = torch.argsort(torch.diag(H), descending=True, stable=True) if act_order else None
+    if perm is not None:
+        W = W[:, perm]
+        H = H[perm][:, perm]
+    col_group = (perm if perm is not None else torch.arange(cols)) // group  # original group of each column
+
+    diag_mean = torch.mean(torch.diag(H))
+    H.diagonal().add_(damp * diag_mean if damp > 0 else 0.0)
+    hinv = _inverse_cholesky(H)  # upper triangular U with U^T U = H^-1
+    hinv32 = hinv.to(torch.float32)
+
+    Q = torch.zeros_like(W)
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        W1 = W[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        U1 = hinv32[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            g = int(col_group[col])
+            if not static and col % group == 0:
+                # this group's columns as updated so far: the rest of this block, then beyond it
+                span = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :group]
+                s, z = group_qparams(span, target)
+                scale[:, g], zp[:, g] = s, z
+            w_col = W1[:, i]
+            q_col = fake_quant(w_col, scale[:, g], zp[:, g], target)
+            Q1[:, i] = q_col
+            err = (w_col - q_col) / U1[i, i]
+            W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        Q[:, i1:i2] = Q1
+        if i2 < cols:
+            W[:, i2:] -= Err1 @ hinv32[i1:i2, i2:]
+    if perm is not None:
+        Q = Q[:, torch.argsort(perm)]
+    return Q, scale, zp
+
+
+def _inverse_cholesky(H: torch.Tensor) -> torch.Tensor:
+    """Upper Cholesky factor of H^-1 (float64); adds more damping if H is not positive definite."""
+    eye = torch.eye(H.shape[0], dtype=H.dtype)
+    extra = 0.0
+    mean = float(torch.mean(torch.diag(H)))
+    for _ in range(8):
+        L, info = torch.linalg.cholesky_ex(H + extra * eye)
+        if int(info) == 0:
+            hinv = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(hinv, upper=True)
+            if int(info) == 0:
+                return U
+        extra = max(extra * 10, 1e-6 * max(mean, 1e-12)) if extra else 1e-6 * max(mean, 1e-12)
+    raise RuntimeError("GPTQ: the Hessian is not positive definite even after extra damping")
+
+
+def output_error(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> float:
+    """tr((W - W_hat) H (W - W_hat)^T): the summed squared output error on the inputs of H (/2n)."""
+    d = (w.double() - w_hat.double())
+    return float(torch.einsum("ij,jk,ik->", d, h.double(), d))
