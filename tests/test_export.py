@@ -216,3 +216,19 @@ def test_int4_convs_and_embeddings_stay_int4_in_the_file(tmp_path):
     with torch.no_grad():
         ref = qcnn(x)
     assert result.opset == 21 and _rel(_run(result.path, x), ref) < 0.02
+
+
+@pytest.mark.parametrize("preset", ["w8a8", "w8a8-dynamic"])
+def test_opset_17_is_enough_for_8_bit(preset, tmp_path):
+    torch.manual_seed(0)
+    model = MLP(widths=(32, 64, 10)).eval()
+    calib = [torch.randn(8, 32) for _ in range(2)]
+    qmodel = quantwise.quantize(model, preset, calib, progress=False)
+    result = export_onnx(qmodel, calib[0], tmp_path / "m17.onnx", opset=17)
+    proto = onnx.load(str(result.path))
+    assert {o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")} == {17}
+    x = torch.randn(4, 32)
+    with torch.no_grad():
+        assert _rel(_run(result.path, x), qmodel(x)) < 1e-2
+    with pytest.raises(quantwise.OutputPathError, match="opset"):
+        export_onnx(qmodel, calib[0], tmp_path / "m16.onnx", opset=16)

@@ -185,24 +185,38 @@ class FastBertLayer:
 
     def __init__(self, layer: nn.Module, parts: dict, original) -> None:
         self.layer, self.original = layer, original
-        q, k, v = (parts[n].kernel for n in "qkv")
         self.heads = parts["self"].num_attention_heads
         hidden = parts["q"].weight_shape[0]
         self.head_dim = hidden // self.heads
         scaling = float(getattr(parts["self"], "scaling", 1.0 / math.sqrt(self.head_dim)))
-        # One [K, 3N] weight for the three projections; the per-layer kernels keep views into it.
-        fused = torch.cat([q.w_t, k.w_t, v.w_t], dim=1).contiguous()
+        pre_qkv = getattr(parts["self"], "smooth_scale", None)  # SmoothQuant's explicit division
+        pre_i = getattr(layer.intermediate, "smooth_scale", None)
+        q, k, v = (_Lin(parts[n], pre_qkv) for n in "qkv")
+        self.o, self.f = _Lin(parts["o"]), _Lin(parts["f"])
+        self.i = _Lin(parts["i"], pre_i)
+        self.static = any(x.static for x in (q, k, v, self.o, self.i, self.f))
         n = hidden
-        q.w_t, k.w_t, v.w_t = fused[:, :n], fused[:, n:2 * n], fused[:, 2 * n:]
-        self.qkv_t = fused
         zeros = torch.zeros(n)
-        self.qkv_scale = torch.cat([q.w_scale * scaling, k.w_scale, v.w_scale]).contiguous()
-        self.qkv_bias = torch.cat([(zeros if b is None else b) * m for b, m in
-                                   ((q.bias, scaling), (k.bias, 1.0), (v.bias, 1.0))]).contiguous()
-        self.o, self.i, self.f = parts["o"].kernel, parts["i"].kernel, parts["f"].kernel
+        # 1/sqrt(head_dim) folded into Q's column scales and bias.
+        q.col_scale = q.col_scale * scaling
+        q.bias = (zeros if q.bias is None else q.bias) * scaling
+        self.qkv_fused = q.same_input(k) and q.same_input(v)
+        if self.qkv_fused:
+            # One [K, 3N] weight for the three projections. Dynamic: the per-layer kernels keep
+            # views into it (no second copy); static: the fast path's own copy.
+            fused = torch.cat([q.w_t, k.w_t, v.w_t], dim=1).contiguous()
+            if not q.static:
+                kq, kk, kv = (parts[x].kernel for x in "qkv")
+                kq.w_t, kk.w_t, kv.w_t = fused[:, :n], fused[:, n:2 * n], fused[:, 2 * n:]
+            q.w_t, k.w_t, v.w_t = fused[:, :n], fused[:, n:2 * n], fused[:, 2 * n:]
+            self.qkv = q
+            self.qkv_t = fused
+            self.qkv_scale = torch.cat([q.col_scale, k.col_scale, v.col_scale]).contiguous()
+            self.qkv_bias = torch.cat([(zeros if x.bias is None else x.bias)
+                                       for x in (q, k, v)]).contiguous()
+        self.projs = (q, k, v)
         self.ln1, self.ln2 = parts["ln1"], parts["ln2"]
         self.gelu = _gelu_approximation(parts["act"])
-        self.qmax = q.qmax
 
     # -- buffers -------------------------------------------------------------------------------
     def _buf(self, key: str, shape: tuple, dtype=torch.float32) -> torch.Tensor:
@@ -215,26 +229,46 @@ class FastBertLayer:
         return t
 
     # -- pieces --------------------------------------------------------------------------------
-    def _quantize(self, x: torch.Tensor, key: str, inplace: bool = False):
-        """Per-token symmetric int8, exactly as kernels.base.dynamic_scale + quantize_symmetric_i8."""
-        scale = torch.maximum(x.amax(dim=1, keepdim=True), x.amin(dim=1, keepdim=True).neg_())
-        scale = scale.div_(self.qmax).clamp_(min=TINY)
-        t = torch.div(x, scale, out=x if inplace else self._buf("div" + key, x.shape))
+    def _quantize(self, x: torch.Tensor, lin: _Lin, key: str, inplace: bool = False):
+        """int8 codes of x for `lin` and the per-row scale (None for static inputs).
+
+        Dynamic: per-token symmetric, exactly as kernels.base.dynamic_scale +
+        quantize_symmetric_i8. Static: round(x / (x_scale * s)) + zero point, saturated."""
+        out = x if inplace else self._buf("div" + key, x.shape)
+        if lin.static:
+            t = torch.div(x, lin.div, out=out).round_()
+            if lin.zp:
+                t.add_(lin.zp)
+            t.clamp_(lin.lo, lin.hi)
+            scale = None
+        else:
+            if lin.smooth is not None:
+                x = torch.div(x, lin.smooth, out=out)
+            scale = torch.maximum(x.amax(dim=1, keepdim=True), x.amin(dim=1, keepdim=True).neg_())
+            scale = scale.div_(lin.qmax).clamp_(min=TINY)
+            t = torch.div(x, scale, out=out).round_()
         codes = self._buf("q" + key, x.shape, torch.int8)
-        codes.copy_(t.round_())
+        codes.copy_(t)
         return codes, scale
 
-    def _linear(self, codes, scale, w_t, w_scale, bias, key: str, out=None) -> torch.Tensor:
+    def _linear(self, codes, scale, w_t, col_scale, bias, key: str, out=None) -> torch.Tensor:
         acc = torch._int_mm(codes, w_t, out=self._buf("acc" + key, (codes.shape[0], w_t.shape[1]),
                                                      torch.int32))
         y = acc.view(torch.float32)
         y.copy_(acc)  # int32 -> float32 in place (see int8_linear._as_float_inplace)
-        y.mul_(scale)
+        if scale is not None:
+            y.mul_(scale)
         if out is None:
-            return torch.addcmul(bias, y, w_scale, out=y) if bias is not None else y.mul_(w_scale)
+            return torch.addcmul(bias, y, col_scale, out=y) if bias is not None else y.mul_(col_scale)
         tail = out.shape[2:]
-        torch.addcmul(bias.view(tail), y.view(out.shape), w_scale.view(tail), out=out)
+        if bias is None:
+            bias = torch.zeros_like(col_scale)
+        torch.addcmul(bias.view(tail), y.view(out.shape), col_scale.view(tail), out=out)
         return out
+
+    def _run(self, x: torch.Tensor, lin: _Lin, key: str, inplace: bool = False) -> torch.Tensor:
+        codes, scale = self._quantize(x, lin, key, inplace)
+        return self._linear(codes, scale, lin.w_t, lin.col_scale, lin.bias, key)
 
     @staticmethod
     def _mask(mask: Optional[torch.Tensor], b: int, heads: int, t: int):
@@ -270,10 +304,16 @@ class FastBertLayer:
         b, t, hidden = hs.shape
         m, nh, d = b * t, self.heads, self.head_dim
         x = hs.reshape(m, hidden)
-        codes, scale = self._quantize(x, "h")
         heads = self._buf("heads", (3, b, nh, t, d))
-        self._linear(codes, scale, self.qkv_t, self.qkv_scale, self.qkv_bias, "qkv",
-                     out=heads.permute(1, 3, 0, 2, 4))
+        if self.qkv_fused:
+            codes, scale = self._quantize(x, self.qkv, "h")
+            self._linear(codes, scale, self.qkv_t, self.qkv_scale, self.qkv_bias, "qkv",
+                         out=heads.permute(1, 3, 0, 2, 4))
+        else:  # Q/K/V quantize their input differently: one quantization and GEMM each
+            for j, lin in enumerate(self.projs):
+                codes, scale = self._quantize(x, lin, "h")
+                self._linear(codes, scale, lin.w_t, lin.col_scale, lin.bias, "qkv",
+                             out=heads[j:j + 1].permute(1, 3, 0, 2, 4))
         q, k, v = (heads[j].view(b * nh, t, d) for j in range(3))
         scores = self._buf("scores", (b * nh, t, t))
         if row is not None:
@@ -286,16 +326,11 @@ class FastBertLayer:
         ctx = torch.bmm(scores, v, out=self._buf("ctx", (b * nh, t, d)))
         tokens = self._buf("tokens", (b, t, nh, d))
         tokens.permute(0, 2, 1, 3).copy_(ctx.view(b, nh, t, d))
-        codes, scale = self._quantize(tokens.view(m, hidden), "h")
-        o = self.o
-        y = self._linear(codes, scale, o.w_t, o.w_scale, o.bias, "o").add_(x)
+        y = self._run(tokens.view(m, hidden), self.o, "h").add_(x)
         h1 = F.layer_norm(y, (hidden,), self.ln1.weight, self.ln1.bias, self.ln1.eps)
-        codes, scale = self._quantize(h1, "h")
-        y = self._linear(codes, scale, self.i.w_t, self.i.w_scale, self.i.bias, "i")
+        y = self._run(h1, self.i, "h")
         torch.ops.aten.gelu_(y, approximate=self.gelu)
-        codes, scale = self._quantize(y, "i", inplace=True)
-        f = self.f
-        y = self._linear(codes, scale, f.w_t, f.w_scale, f.bias, "f").add_(h1)
+        y = self._run(y, self.f, "i", inplace=True).add_(h1)
         out = F.layer_norm(y, (hidden,), self.ln2.weight, self.ln2.bias, self.ln2.eps)
         return out.view(b, t, hidden)
 

@@ -129,9 +129,10 @@ def dynamic_matmul_onnx(x, codes_kn, w_scale, bias, per_token: bool, qmax: int):
     k = codes_kn.shape[0]
     lead = op.Shape(x, start=0, end=-1)
     x2 = op.Reshape(x, _const([-1, k], np.int64))
-    absx = op.Abs(x2)
-    amax = (op.ReduceMax(absx, _const([1], np.int64), keepdims=1) if per_token
-            else op.ReduceMax(absx, keepdims=1))
+    absx = op.Abs(x2) if per_token else op.Reshape(op.Abs(x2), _const([1, -1], np.int64))
+    # TopK(k=1) is the row max with one signature from opset 11 on (ReduceMax moved its axes
+    # from an attribute to an input at opset 18)
+    amax, _ = op.TopK(absx, _const([1], np.int64), axis=1)
     s = op.Max(op.Div(amax, _const(float(qmax), np.float32)), _const(TINY, np.float32))
     q = op.Cast(op.Clip(op.Round(op.Div(x2, s)), _const(-float(qmax), np.float32),
                         _const(float(qmax), np.float32)), to=onnx.TensorProto.INT8)
