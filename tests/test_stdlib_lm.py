@@ -114,8 +114,7 @@ def test_builtin_registry_data_and_job_eval():
     assert loaded_info == info and type(model).__name__ == "LlamaForCausalLM"
 
 
-def test_evaluate_perplexity_skips_padding():
-    model = load_stdlib_lm()
+def test_evaluate_perplexity_skips_padding(model):
     tok = ByteTokenizer()
     batch = tok(["import os\nimport sys\n", "x = 1\n"])
     padded = evaluate(model, [batch], "perplexity").value
@@ -123,7 +122,8 @@ def test_evaluate_perplexity_skips_padding():
     for text in ["import os\nimport sys\n", "x = 1\n"]:
         one = tok([text])
         ids = one["input_ids"]
-        logits = model(input_ids=ids).logits[0, :-1].double()
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, :-1].double()
         nll += float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
         count += ids.shape[1] - 1
     assert padded == pytest.approx(math.exp(nll / count), rel=1e-5)

@@ -29,7 +29,9 @@ from quantwise.fileio import atomic_write_text
 from quantwise.fold import fold_conv_bn
 from quantwise.encoder import apply_encoder_fastpath
 from quantwise.int8graph import apply_int8_graph
-from quantwise.models.registry import load_model
+from quantwise.methods.smoothquant import prescaled_modules, restore_prescale
+from quantwise.models.hf import hf_files, is_hf_folder, skeleton_from_folder, with_quantization_config
+from quantwise.models.registry import BUILTIN_MODELS, builtin_info, load_model
 from quantwise.modules import QuantizedLayer
 from quantwise.state import LayerRecord, QuantState, get_state, set_state
 
@@ -82,11 +84,35 @@ def save(model: nn.Module, folder: str | Path, overwrite: bool = False) -> Path:
                                      metadata={"format": "quantwise", "version": str(FORMAT_VERSION)})
         (staging / WEIGHTS_FILE).chmod(0o666 & ~_umask())
         atomic_write_text(staging / META_FILE, json.dumps(_metadata(model, state), separators=(",", ":")))
+        _copy_hf_files(state, staging)
         _swap_in(staging, folder)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return folder
+
+
+def _hf_source(source: str | None) -> Path | None:
+    """The Hugging Face folder the model came from (a path, or a built-in that is one)."""
+    if source in BUILTIN_MODELS:
+        source = builtin_info(source).source
+    return Path(source) if is_hf_folder(source) else None
+
+
+def _copy_hf_files(state: QuantState, staging: Path) -> None:
+    """A model from a Hugging Face folder leaves a self-contained folder: its config.json (with
+    a "quantization_config" entry) and tokenizer files travel with the quantized weights."""
+    source = _hf_source(state.source)
+    if source is None:
+        return
+    for path in hf_files(source):
+        target = staging / path.relative_to(source)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        text = path.read_text()
+        if path.name == "config.json" and path.parent == source:
+            text = with_quantization_config(text, {"quantwise_version": __version__,
+                                                   "config": state.config.to_dict()})
+        atomic_write_text(target, text)
 
 
 def _umask() -> int:
@@ -119,6 +145,7 @@ def _metadata(model: nn.Module, state: QuantState) -> dict[str, Any]:
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "source": state.source, "config": state.config.to_dict(), "layers": layers,
             "folded": [list(pair) for pair in state.folded],
+            **({"prescaled": prescaled} if (prescaled := prescaled_modules(model)) else {}),
             # The kernel is not stored: load names the one it rebuilds on that machine.
             "records": [{k: v for k, v in r.to_dict().items() if k != "kernel"}
                         for r in state.records.values()]}
@@ -148,12 +175,15 @@ def read_metadata(folder: str | Path) -> dict[str, Any]:
 def load(folder: str | Path, model: nn.Module | None = None, fuse: bool = True) -> nn.Module:
     """Rebuild a saved quantized model on a copy of its float model (`model` is untouched).
 
-    `model` may be omitted when the checkpoint records a built-in or loadable source.
+    `model` may be omitted when the folder holds its Hugging Face config.json (saved from a
+    Hugging Face model) or the checkpoint records a built-in or loadable source.
     """
     folder = Path(folder)
     meta = read_metadata(folder)
     if model is None:
-        model = _model_from_source(meta.get("source"))
+        # a self-contained folder (saved from a Hugging Face model) rebuilds from its own
+        # config.json; otherwise the recorded source model is loaded
+        model = skeleton_from_folder(folder) if is_hf_folder(folder) else _model_from_source(meta.get("source"))
     qmodel = copy.deepcopy(model)
     folded = [tuple(pair) for pair in meta.get("folded", [])]
     try:
@@ -175,6 +205,7 @@ def load(folder: str | Path, model: nn.Module | None = None, fuse: bool = True) 
     for layer in layers.values():
         if layer.tied_to:
             layer.tie_weight(layers[layer.tied_to])
+    restore_prescale(qmodel, meta.get("prescaled", {}))  # SmoothQuant's explicit divisions
     _load_weights(qmodel, folder / WEIGHTS_FILE)
     for layer in layers.values():
         layer.build_kernel()

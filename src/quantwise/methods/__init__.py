@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+import torch
 from torch import nn
 
 from quantwise.config import Config
@@ -105,16 +106,25 @@ def _gptq_process(targets: dict[str, WeightTarget], args: dict, report: dict):
         groups = bp.collect(on_input)
         for leader, names in groups.items():
             h = hessians[leader].value() if leader in hessians else None
+            # Linears sharing an input (q/k/v) share H: GPTQ treats rows independently, so
+            # their weights run stacked, once (same result, one factorization, fewer steps).
+            by_target: dict[WeightTarget, list[str]] = {}
             for name in names:
-                module = bp.linears[name]
-                target = targets[name]
-                w = float_weight(module).detach().float()
+                by_target.setdefault(targets[name], []).append(name)
+            for target, members in by_target.items():
+                ws = [float_weight(bp.linears[n]).detach().float() for n in members]
+                w = torch.cat(ws)
                 if h is None:
                     deq, scale, zp = rtn(w, target)
                 else:
                     deq, scale, zp = gptq_quantize(w, h, target, damp=damp, act_order=act_order,
                                                    block_size=block_size)
-                set_result(module, target, deq, scale, zp)
+                start = 0
+                for name, wi in zip(members, ws):
+                    stop = start + wi.shape[0]
+                    set_result(bp.linears[name], target, deq[start:stop], scale[start:stop],
+                               zp[start:stop])
+                    start = stop
             hessians.pop(leader, None)  # free as soon as its Linears are done
     return process
 

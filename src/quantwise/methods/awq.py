@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from quantwise.methods.blocks import BlockPass, is_linear
-from quantwise.methods.weights import WeightTarget, fake_quant, group_qparams, grouped, rtn
+from quantwise.methods.weights import (WeightTarget, fake_quant, group_qparams, grouped, rtn,
+                                       set_result)
 from quantwise.modules.layers import float_weight
 
 # (predecessor, consumers) relative to the block; "last" = the predecessor's last rows
@@ -71,43 +72,8 @@ def awq_block(bp: BlockPass, targets: dict[str, WeightTarget], *, grid: int = 20
               scale: bool = True, report: dict | None = None) -> None:
     """AWQ on one block's selected Linears (see the module docstring); quantizes them in place
     (weights set to their dequantized values, qparams left for convert via set_result)."""
-    from quantwise.methods.weights import set_result
-
-    gen = torch.Generator().manual_seed(bp.index)
-    per_sample = max(1, math.ceil(n_samples / max(len(bp.inputs), 1)))
-    stats: dict[str, _InputStats] = {}
-
-    def on_input(leader: str, x: torch.Tensor) -> None:
-        if leader not in stats:
-            stats[leader] = _InputStats(x.shape[-1], per_sample, gen)
-        stats[leader].add(x)
-
-    groups = bp.collect(on_input)
-    scales: dict[str, torch.Tensor] = {}  # Linear name -> s applied to its input channels
-    if scale:
-        reference = bp.forward(bp.inputs[0])
-        for leader, names in groups.items():
-            if leader not in stats:
-                continue
-            fold = _find_fold(bp, names)
-            if fold is None:
-                continue
-            s = _search_scale(bp, names, targets, stats[leader], grid)
-            if s is None:
-                continue
-            undo = _apply_scale(bp, names, fold, s)
-            out = bp.forward(bp.inputs[0])
-            err = float((out - reference).norm() / reference.norm().clamp(min=1e-30))
-            if not err < 1e-4:
-                undo()
-                if report is not None:
-                    report.setdefault("folds_undone", []).append(f"{bp.name}: {fold[0]} ({err:.2g})")
-                continue
-            for name in names:
-                scales[name] = s
-            if report is not None:
-                report.setdefault("scaled", []).append(f"{bp.name}: {fold[0]} -> "
-                                                       f"{', '.join(n[len(bp.name) + 1:] for n in names)}")
+    groups, stats, scales = awq_scale_block(bp, targets, grid=grid if scale else 0,
+                                            n_samples=n_samples, report=report)
     for leader, names in groups.items():
         for name in names:
             module = bp.linears[name]
@@ -123,6 +89,51 @@ def awq_block(bp: BlockPass, targets: dict[str, WeightTarget], *, grid: int = 20
                 deq, sc, zp = rtn(w, target)
             set_result(module, target, deq, sc, zp)
     stats.clear()
+
+
+def awq_scale_block(bp: BlockPass, targets: dict[str, WeightTarget], *, grid: int = 20,
+                    n_samples: int = 512, report: dict | None = None
+                    ) -> tuple[dict[str, list[str]], dict[str, "_InputStats"], dict[str, torch.Tensor]]:
+    """The scaling step alone (float weights scaled and folded, nothing quantized): returns the
+    input groups (leader -> Linears), their input statistics, and the scale s of each scaled
+    Linear's input channels (its input is now X / s). grid=0: statistics only."""
+    gen = torch.Generator().manual_seed(bp.index)
+    per_sample = max(1, math.ceil(n_samples / max(len(bp.inputs), 1)))
+    stats: dict[str, _InputStats] = {}
+
+    def on_input(leader: str, x: torch.Tensor) -> None:
+        if leader not in stats:
+            stats[leader] = _InputStats(x.shape[-1], per_sample, gen)
+        stats[leader].add(x)
+
+    groups = bp.collect(on_input)
+    scales: dict[str, torch.Tensor] = {}
+    if grid <= 0:
+        return groups, stats, scales
+    reference = bp.forward(bp.inputs[0])
+    for leader, names in groups.items():
+        if leader not in stats:
+            continue
+        fold = _find_fold(bp, names)
+        if fold is None:
+            continue
+        s = _search_scale(bp, names, targets, stats[leader], grid)
+        if s is None:
+            continue
+        undo = _apply_scale(bp, names, fold, s)
+        out = bp.forward(bp.inputs[0])
+        err = float((out - reference).norm() / reference.norm().clamp(min=1e-30))
+        if not err < 1e-4:
+            undo()
+            if report is not None:
+                report.setdefault("folds_undone", []).append(f"{bp.name}: {fold[0]} ({err:.2g})")
+            continue
+        for name in names:
+            scales[name] = s
+        if report is not None:
+            report.setdefault("scaled", []).append(
+                f"{bp.name}: {fold[0]} -> {', '.join(n[len(bp.name) + 1:] for n in names)}")
+    return groups, stats, scales
 
 
 def _find_fold(bp: BlockPass, names: list[str]) -> tuple[str, nn.Module, str] | None:

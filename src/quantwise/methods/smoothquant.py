@@ -48,8 +48,8 @@ from quantwise.spec import Format, PerChannel, PerTensor, QuantSpec
 
 ACT_SPEC = QuantSpec(Format.UINT8, symmetric=False, granularity=PerTensor())
 WEIGHT_SPEC = QuantSpec(Format.INT8, symmetric=True, granularity=PerChannel(0))
-SAMPLE_ROWS_PER_BATCH = 256
-SAMPLE_ROWS_MAX = 4096
+SAMPLE_ROWS_PER_BATCH = 128
+SAMPLE_ROWS_MAX = 2048
 MIN_SCALE = 1e-5
 
 
@@ -263,9 +263,16 @@ class _Stats:
             self.count += n
 
 
-def _collect(model: nn.Module, groups: list[_Group], calib_data, progress: bool) -> list[_Stats]:
-    from quantwise.workflow import run_model  # L4 sibling; imported late to keep import light
+def _run_model(model: nn.Module, sample: Any) -> Any:
+    """As workflow.run_model (a level above this one): Tensor, tuple/list, or dict of kwargs."""
+    if isinstance(sample, dict):
+        return model(**sample)
+    if isinstance(sample, (tuple, list)):
+        return model(*sample)
+    return model(sample)
 
+
+def _collect(model: nn.Module, groups: list[_Group], calib_data, progress: bool) -> list[_Stats]:
     stats = [_Stats(seed=i) for i in range(len(groups))]
     handles = [g.linears[0][1].register_forward_pre_hook(st) for g, st in zip(groups, stats)]
     training = {m: m.training for m in model.modules()}
@@ -273,7 +280,7 @@ def _collect(model: nn.Module, groups: list[_Group], calib_data, progress: bool)
     try:
         with torch.no_grad():
             for n, sample in enumerate(calib_data):
-                run_model(model, sample)
+                _run_model(model, sample)
                 if progress:
                     print(f"smoothquant: calibration batch {n + 1}", flush=True)
     finally:
@@ -295,7 +302,8 @@ def smoothing_scale(xmax: torch.Tensor, wmax: torch.Tensor, alpha: float) -> tor
 
 
 def group_error(x: torch.Tensor, amin: torch.Tensor, amax: torch.Tensor,
-                weights: list[torch.Tensor], s: Optional[torch.Tensor]) -> float:
+                weights: list[torch.Tensor], s: Optional[torch.Tensor],
+                refs: Optional[list[torch.Tensor]] = None) -> float:
     """Relative output error of the group when its input is X / s (static per-tensor uint8 with
     the calibration min/max) and its weights are W * s (int8 per-channel), vs float X W^T."""
     if s is None:
@@ -306,11 +314,11 @@ def group_error(x: torch.Tensor, amin: torch.Tensor, amax: torch.Tensor,
     xscale, xzp = qparams_from_range(lo, hi, ACT_SPEC)
     xq = fake_quantize(xs, xscale, xzp, ACT_SPEC)
     num = den = 0.0
-    for w in weights:
+    for j, w in enumerate(weights):
         ws = w.float() * s
         wscale, wzp = qparams_from_range(*tensor_range(ws, WEIGHT_SPEC), WEIGHT_SPEC)
         wq = fake_quantize(ws, wscale, wzp, WEIGHT_SPEC)
-        ref = x @ w.float().t()
+        ref = refs[j] if refs is not None else x @ w.float().t()
         num += float((xq @ wq.t() - ref).pow(2).sum())
         den += float(ref.pow(2).sum())
     return num / max(den, 1e-30)
@@ -340,12 +348,13 @@ def smooth(model: nn.Module, calib_data, *, alpha: float | None = None,
         else:
             absmax_r, wmax_r = absmax, wmax
         x = torch.cat(st.rows)
+        refs = [x @ w.t() for w in weights]
         errors, scales = {}, {}
         for a in candidates:
             s_r = smoothing_scale(absmax_r, wmax_r, a)
             s = g.expand(s_r) if g.expand is not None else s_r
             scales[a] = (s_r, s)
-            errors[a] = group_error(x, st.amin, st.amax, weights, s)
+            errors[a] = group_error(x, st.amin, st.amax, weights, s, refs)
         best = min(candidates, key=lambda a: errors[a])
         s_r, s = scales[best]
         g.apply_fold(s_r)
@@ -354,7 +363,7 @@ def smooth(model: nn.Module, calib_data, *, alpha: float | None = None,
                 lin.weight.mul_(s.to(lin.weight.dtype))
         report.groups[g.name] = GroupResult(
             [n for n, _ in g.linears], g.fold_desc, best, errors[best], errors,
-            group_error(x, st.amin, st.amax, weights, None))
+            group_error(x, st.amin, st.amax, weights, None, refs))
     # report in model order
     order = {g.name: i for i, g in enumerate(groups)}
     report.groups = dict(sorted(report.groups.items(), key=lambda kv: order[kv[0]]))

@@ -124,7 +124,7 @@ def set_result(module: nn.Module, target: WeightTarget, deq: torch.Tensor, scale
         float_weight(module).copy_(deq.to(module.weight.dtype))
     if isinstance(target.spec.granularity, PerChannel):
         scale, zp = scale.reshape(-1), zp.reshape(-1)
-    object.__setattr__(module, PRECOMPUTED_ATTR, (scale.contiguous(), zp.contiguous()))
+    object.__setattr__(module, PRECOMPUTED_ATTR, (scale.clone(), zp.clone()))  # own storage
 
 
 def precomputed_qparams(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:

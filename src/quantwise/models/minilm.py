@@ -87,9 +87,11 @@ def _check_hf_folder(path: Path) -> None:
     raise ModelLoadError(f"{path} has a config.json but no *.safetensors weights file")
 
 
-def _auto_model(path: Path) -> nn.Module:
-    from transformers import AutoModel
+def _auto_model(path: Path, sentence: bool = False) -> nn.Module:
+    from transformers import AutoConfig, AutoModel
     from transformers.utils import logging as hf_logging
+
+    from quantwise.models.hf import model_class
 
     # A local load takes a fraction of a second; transformers' per-load progress bar is noise on
     # our stderr (and in --json runs). Restore the user's setting afterwards.
@@ -98,7 +100,9 @@ def _auto_model(path: Path) -> nn.Module:
     try:
         # use_safetensors=True makes transformers refuse .bin even if our check missed one;
         # eager attention keeps the attention as plain matmul + additive mask + softmax.
-        model = AutoModel.from_pretrained(
+        cls = AutoModel if sentence else model_class(AutoConfig.from_pretrained(
+            str(path), local_files_only=True))
+        model = cls.from_pretrained(
             str(path), local_files_only=True, use_safetensors=True, attn_implementation="eager"
         )
     except (OSError, ValueError, KeyError) as exc:
@@ -113,7 +117,7 @@ def load_minilm(path: str | Path | None = None) -> SentenceEmbedder:
     """Load all-MiniLM-L6-v2 (or a compatible folder) as an eval-mode SentenceEmbedder."""
     folder = Path(path) if path is not None else default_minilm_path()
     _check_hf_folder(folder)
-    return SentenceEmbedder(_auto_model(folder), normalize=_wants_normalize(folder)).eval()
+    return SentenceEmbedder(_auto_model(folder, sentence=True), normalize=_wants_normalize(folder)).eval()
 
 
 def _wants_normalize(folder: Path) -> bool:

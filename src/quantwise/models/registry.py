@@ -107,6 +107,10 @@ def _load_path(path: Path) -> tuple[nn.Module, ModelInfo]:
                              f"checkpoints; {_what_to_pass()}")
     if not any(path.iterdir()):
         raise ModelLoadError(f"{path} is an empty directory; {_what_to_pass()}")
+    if (path / "quantwise.json").is_file():
+        raise ModelLoadError(f"{path} is a quantized quantwise checkpoint, not a float model: load it "
+                             "with quantwise.load(), or pass it to `quantwise benchmark` / `quantwise "
+                             "export`; to quantize again, start from the float model")
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"{path} has no config.json, so no model was found in it; {_what_to_pass()}")
     from quantwise.models.minilm import SentenceEmbedder, load_hf_folder
