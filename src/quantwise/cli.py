@@ -127,6 +127,21 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--data", help="evaluation inputs (same forms as --calib); default: the model's own "
                                   "held-out data")
     b.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    t = sub.add_parser(
+        "qat", help="quantization-aware fine-tuning of a built-in model (resumable), then convert",
+        description="Fine-tune MODEL with fake quantization (LSQ scales, distillation from fp32) for "
+                    "a short schedule, convert it to real kernels, save it, and print fp32 / PTQ / "
+                    "QAT quality side by side. Checkpoints every epoch; --resume continues.")
+    t.add_argument("model", nargs="?", default="digits", help="built-in model: digits or minilm")
+    t.add_argument("--config", default="w4a4", help="preset or config file (default: w4a4)")
+    t.add_argument("--epochs", type=int, help="epochs (default: the model's recipe)")
+    t.add_argument("--lr", type=float, help="initial learning rate (default: the model's recipe)")
+    t.add_argument("--batch-size", type=int, help="batch size (default: the model's recipe)")
+    t.add_argument("--out", help="output folder (default: quantwise-out/MODEL-CONFIG-qat)")
+    t.add_argument("--resume", action="store_true", help="continue from OUT/qat-checkpoint")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    t.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    t.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
     e = sub.add_parser(
         "export", help="export a saved quantized model as ONNX (QDQ) and check it in ONNX Runtime",
         description="Reload FOLDER, write an ONNX QDQ graph, report what ONNX Runtime fuses into "
@@ -196,6 +211,12 @@ def main(argv: list[str] | None = None) -> int:
                 report = run_analyze_job(args.model, args.config, args.calib, args.method,
                                          args.batches, args.top_k,
                                          progress=not (args.quiet or args.json), log=log)
+            elif args.command == "qat":
+                from quantwise.qatjob import run_qat_job
+
+                report = run_qat_job(args.model, args.config, args.out, args.epochs, args.lr,
+                                     args.batch_size, args.resume, args.overwrite,
+                                     progress=not (args.quiet or args.json), log=log)
             elif args.command == "export":
                 report = run_export_job(args.folder, args.out, args.model, args.data, args.max_rel_err,
                                         args.batches, not args.no_per_layer, args.overwrite, args.opset,
@@ -215,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("quantwise: interrupted; nothing was written", file=sys.stderr)
         return 130
+    if args.command == "qat":
+        print(json.dumps(report.to_dict(), indent=2) if args.json else report)
+        return 0
     if args.command == "analyze":
         print(report.to_json() if args.json else report)
         if not args.json:

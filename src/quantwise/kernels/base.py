@@ -62,8 +62,9 @@ def f32(value) -> float:
 def static_act_problem(act: StaticAct) -> Optional[str]:
     """Why a StaticAct cannot feed an int8 kernel, or None."""
     s = act.spec
-    if s.format not in (Format.INT8, Format.UINT8):
-        return f"{s.format.value} activations have no CPU integer kernel (int8/uint8 only)"
+    if s.format not in (Format.INT8, Format.UINT8, Format.INT4, Format.UINT4):
+        return f"{s.format.value} activations have no CPU integer kernel (int8/uint8/int4/uint4)"
+    # 4-bit codes are a sub-range of the 8-bit ones: the int8 kernels compute them exactly
     if not isinstance(s.granularity, PerTensor):
         return "static activation quantization must be per-tensor for the int8 kernels"
     return None
