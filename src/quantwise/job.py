@@ -72,7 +72,8 @@ EVAL_LM_WINDOWS = 64  # held-out windows (256 byte tokens each) for stdlib-lm in
 def eval_batches(info: ModelInfo, calib: list[Any]) -> tuple[list[Any], str]:
     """Held-out evaluation data and the metric for a model; custom models use their calib data.
 
-    stdlib-code: lm_windows("heldout", EVAL_LM_WINDOWS) in batches of 16, metric perplexity.
+    stdlib-code: lm_windows("heldout", EVAL_LM_WINDOWS) in batches of 8 (latency is timed on one
+    batch), metric perplexity.
     """
     if info.eval_data == "digits":
         from quantwise.models.digits import digits_data
@@ -82,7 +83,7 @@ def eval_batches(info: ModelInfo, calib: list[Any]) -> tuple[list[Any], str]:
     if info.eval_data == "stdlib-code":
         from quantwise.models.stdlib_lm import lm_batches
 
-        return lm_batches("heldout", EVAL_LM_WINDOWS, batch_size=16), "perplexity"
+        return lm_batches("heldout", EVAL_LM_WINDOWS, batch_size=8), "perplexity"
     if info.eval_data == "stdlib-text":
         from quantwise.models.minilm import load_tokenizer, tokenize
 
