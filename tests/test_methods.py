@@ -25,6 +25,15 @@ import hf_models
 INT4_G32 = QuantSpec("int4", symmetric=True, granularity=PerGroup(32))
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These models are tiny: one thread avoids oversubscription on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _correlated_inputs(n: int, k: int, seed: int = 0, outliers: int = 0) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     mix = torch.randn(k, k, generator=gen) / k**0.5 + torch.eye(k)
@@ -328,3 +337,13 @@ def test_smoothquant_preset():
     cos = torch.nn.functional.cosine_similarity(_outputs(qmodel, test).flatten(0, -2),
                                                 _outputs(model, test).flatten(0, -2)).mean()
     assert cos > 0.9
+
+
+def test_method_without_blocks_or_data():
+    model = nn.Sequential(nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 8))
+    data = [torch.randn(4, 128)]
+    with pytest.warns(quantwise.errors.QuantwiseWarning, match="no Linear inside repeated"):
+        qmodel = quantwise.quantize(model, "w4-gptq", data, progress=False)
+    assert qmodel._quantwise.records["0"].status == "quantized"
+    with pytest.raises(quantwise.errors.CalibrationError, match="method 'gptq' needs it"):
+        quantwise.quantize(model, "w4-gptq", None, progress=False)

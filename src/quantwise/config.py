@@ -35,14 +35,17 @@ CALIBRATORS = ("max", "percentile", "entropy", "mse")
 #   bits: weight bits (3..8) within the weight spec's format (3 bits: int4 codes in [-4, 3]).
 #   gptq: damp (fraction of mean diag(H) added, default 0.01), act_order (columns by descending
 #         diag(H); group scales then come from the original weight: "static groups"),
-#         block_size (lazy-batch width, 128).
+#         block_size (lazy-batch width, 128), mse (True: each group's range shrunk to minimize
+#         sum |w - Q(w)|^2.4, the reference quantizer's option; False: full range),
+#         sequential (True: each group of Linears in a block (q/k/v, o, ...) sees the inputs
+#         produced with the groups before it already quantized; False: one pass, float inputs).
 #   awq: grid (points for the exponent a in [0, 1), 20), max_shrink (clipping search down to
 #        1 - max_shrink of the group range, 0.5), clip_grid (20), n_samples (tokens kept per
 #        input for the searches, 512), scale (False: clipping only).
 #   smoothquant: alpha (fixed) or alphas (searched per layer).
 METHOD_ARGS: dict[str, frozenset[str]] = {
     "rtn": frozenset({"bits"}),
-    "gptq": frozenset({"bits", "damp", "act_order", "block_size"}),
+    "gptq": frozenset({"bits", "damp", "act_order", "block_size", "mse", "sequential"}),
     "awq": frozenset({"bits", "grid", "max_shrink", "clip_grid", "n_samples", "scale"}),
     "smoothquant": frozenset({"alpha", "alphas"}),
 }
@@ -302,6 +305,8 @@ def weight_method_config(method: str = "gptq", bits: int = 4, group_size: int | 
         raise ConfigError(f"bits must be in 2..8, got {bits!r}")
     granularity = PerChannel(0) if group_size is None else PerGroup(group_size)
     spec = QuantSpec("int4" if bits <= 4 else "int8", symmetric=True, granularity=granularity)
+    if method == "gptq":
+        method_args.setdefault("act_order", True)  # as the w4-gptq preset
     args = {"bits": bits, **method_args} if bits not in (4, 8) else dict(method_args)
     group = "ch" if group_size is None else f"g{group_size}"
     return Config(LayerConfig(weight=spec), name=f"w{bits}-{method}-{group}", method=method,
@@ -331,10 +336,17 @@ PRESETS: dict[str, Config] = {
     "w8": Config(LayerConfig(weight=_W8), name="w8"),
     "w4": Config(LayerConfig(weight=_W4), name="w4"),
     # Model-level methods run before conversion (quantwise.methods), block by block.
-    "w4-gptq": Config(LayerConfig(weight=_W4), name="w4-gptq", method="gptq"),
+    # act_order with static groups: the best of the measured GPTQ variants on MiniLM
+    "w4-gptq": Config(LayerConfig(weight=_W4), name="w4-gptq", method="gptq",
+                      method_args={"act_order": True}),
     "w4-awq": Config(LayerConfig(weight=_W4), name="w4-awq", method="awq"),
     "w8a8-smoothquant": Config(LayerConfig(weight=_W8, activation=_A8_STATIC),
                                name="w8a8-smoothquant", method="smoothquant"),
     "fp16": Config(LayerConfig(weight=QuantSpec("fp16")), name="fp16"),
     "bf16": Config(LayerConfig(weight=QuantSpec("bf16")), name="bf16"),
+    # 4-bit weights with 8- or 4-bit static activations: for QAT (quantwise.prepare_qat) and
+    # PTQ alike; 4-bit codes run exactly on the 8-bit integer kernels.
+    "w4a8": Config(LayerConfig(weight=_W4, activation=_A8_STATIC), name="w4a8"),
+    "w4a4": Config(LayerConfig(weight=_W4, activation=QuantSpec("uint4", symmetric=False,
+                                                                granularity=PerTensor())), name="w4a4"),
 }

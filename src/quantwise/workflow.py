@@ -176,6 +176,8 @@ def convert(model: nn.Module, fuse: bool = True) -> nn.Module:
     state = get_state(model)
     tied: dict[int, QuantizedLayer] = {}  # id(float weight) -> first layer quantizing it
     for obs in observed_layers(model):
+        if hasattr(obs, "freeze"):  # a QAT layer hands over its learned scales (qat.py)
+            obs.freeze()
         record = state.records[obs.qname]
         qlayer = _convert_layer(obs, record, tied)
         folded = [bn for conv, bn in state.folded if conv == obs.qname]

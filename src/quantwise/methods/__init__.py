@@ -12,6 +12,7 @@ codes are the method's codes.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -19,8 +20,9 @@ import torch
 from torch import nn
 
 from quantwise.config import Config
-from quantwise.errors import ConfigError
-from quantwise.methods.weights import PRECOMPUTED_ATTR, WeightTarget, rtn, set_result, weight_target
+from quantwise.errors import ConfigError, QuantwiseWarning
+from quantwise.methods.weights import (PRECOMPUTED_ATTR, WeightTarget, rtn, rtn_mse, set_result,
+                                       weight_target)
 from quantwise.modules.layers import float_weight, is_supported, kind_of, unsupported_reason
 
 WEIGHT_METHODS = ("rtn", "gptq", "awq")
@@ -54,6 +56,8 @@ def apply_method(model: nn.Module, config: Config, calib_data: Iterable[Any] | N
         return {}
     if method == "smoothquant":
         from quantwise.methods.smoothquant import smooth  # written separately
+        if "alphas" in args:
+            args["alphas"] = tuple(args["alphas"])
         result = smooth(model, list(calib_data), progress=progress, **args)
         return {"method": method, "smooth": result}
     if method not in WEIGHT_METHODS:
@@ -61,12 +65,31 @@ def apply_method(model: nn.Module, config: Config, calib_data: Iterable[Any] | N
     bits = args.pop("bits", None)
     selected = _selected(model, config, bits)
     report: dict[str, Any] = {"method": method, "bits": bits}
-    in_blocks: set[str] = set()
+    linears: dict[str, nn.Module] = {}
     if method in ("gptq", "awq"):
+        from quantwise.methods.blocks import find_blocks
+        found = find_blocks(model)
+        prefix = f"{found[0]}." if found is not None else None
+        linears = {n: m for n, (m, _) in selected.items()
+                   if prefix is not None and n.startswith(prefix) and kind_of(m) == "linear"}
+    if method in ("gptq", "awq") and not linears:
+        warnings.warn(f"{method}: no Linear inside repeated transformer blocks to run it on; "
+                      "every layer is round-to-nearest", QuantwiseWarning, stacklevel=3)
+    # Layers outside the blocks (embeddings, lm_head, ...) first: round-to-nearest, with each
+    # group's range chosen by a weight-error search (mse_shrink) for gptq/awq; done before the
+    # blocks run so block 0's captured inputs already carry the quantized embeddings and the
+    # method compensates for them.
+    rest = [n for n in selected if n not in linears]
+    for name in rest:
+        module, target = selected[name]
+        w = float_weight(module).detach().float()
+        deq, scale, zp = rtn_mse(w, target) if method in ("gptq", "awq") else rtn(w, target)
+        set_result(module, target, deq, scale, zp)
+    report["rtn_layers"] = len(rest)
+    if linears:
         if calib_data is None:
             raise ConfigError(f"method {method!r} needs calibration data")
         from quantwise.methods.blocks import run_blocks
-        linears = {n: m for n, (m, _) in selected.items() if kind_of(m) == "linear"}
         targets = {n: t for n, (_, t) in selected.items()}
         if method == "gptq":
             process = _gptq_process(targets, args, report)
@@ -74,16 +97,12 @@ def apply_method(model: nn.Module, config: Config, calib_data: Iterable[Any] | N
             process = _awq_process(targets, args, report)
         report.update(run_blocks(model, calib_data, process, linears, progress=progress,
                                  desc=method))
-        in_blocks = {n for n in linears if hasattr(linears[n], PRECOMPUTED_ATTR)}
-    # Everything else: round-to-nearest on the same grid (needed for narrowed bits; harmless
-    # otherwise: the same codes convert() would compute).
-    rest = [n for n in selected if n not in in_blocks]
-    for name in rest:
-        module, target = selected[name]
-        deq, scale, zp = rtn(float_weight(module).detach().float(), target)
-        set_result(module, target, deq, scale, zp)
-    report["rtn_layers"] = len(rest)
-    report["method_layers"] = len(in_blocks)
+        unseen = [n for n, m in linears.items() if not hasattr(m, PRECOMPUTED_ATTR)]
+        for name in unseen:  # never called on the calibration data (e.g. unused cross-attention)
+            module, target = selected[name]
+            set_result(module, target, *rtn(float_weight(module).detach().float(), target))
+        report["unseen_layers"] = unseen
+    report["method_layers"] = len(linears)
     return report
 
 
@@ -93,39 +112,62 @@ def _gptq_process(targets: dict[str, WeightTarget], args: dict, report: dict):
     damp = float(args.get("damp", 0.01))
     act_order = bool(args.get("act_order", False))
     block_size = int(args.get("block_size", 128))
-    report.update(damp=damp, act_order=act_order)
+    mse = bool(args.get("mse", True))
+    sequential = bool(args.get("sequential", True))
+    report.update(damp=damp, act_order=act_order, mse=mse, sequential=sequential)
+
+    def quantize_group(bp, names: list[str], h) -> None:
+        # Linears sharing an input (q/k/v) share H: GPTQ treats rows independently, so their
+        # weights run stacked, once (the same result, one factorization, fewer steps).
+        by_target: dict[WeightTarget, list[str]] = {}
+        for name in names:
+            by_target.setdefault(targets[name], []).append(name)
+        for target, members in by_target.items():
+            ws = [float_weight(bp.linears[n]).detach().float() for n in members]
+            w = torch.cat(ws)
+            if h is None:
+                deq, scale, zp = rtn(w, target)
+            else:
+                deq, scale, zp = gptq_quantize(w, h, target, damp=damp, act_order=act_order,
+                                               block_size=block_size, mse=mse)
+            start = 0
+            for name, wi in zip(members, ws):
+                stop = start + wi.shape[0]
+                set_result(bp.linears[name], target, deq[start:stop], scale[start:stop],
+                           zp[start:stop])
+                start = stop
 
     def process(bp) -> None:
         hessians: dict[str, HessianAccumulator] = {}
+        only_first: list[str] = []
 
         def on_input(leader: str, x) -> None:
+            if sequential and hessians_phase["first"]:
+                # the first pass needs only the first group's H (the block's first call)
+                if not only_first:
+                    only_first.append(leader)
+                if leader != only_first[0]:
+                    return
             if leader not in hessians:
                 hessians[leader] = HessianAccumulator(x.shape[-1])
             hessians[leader].add(x)
 
-        groups = bp.collect(on_input)
-        for leader, names in groups.items():
-            h = hessians[leader].value() if leader in hessians else None
-            # Linears sharing an input (q/k/v) share H: GPTQ treats rows independently, so
-            # their weights run stacked, once (same result, one factorization, fewer steps).
-            by_target: dict[WeightTarget, list[str]] = {}
-            for name in names:
-                by_target.setdefault(targets[name], []).append(name)
-            for target, members in by_target.items():
-                ws = [float_weight(bp.linears[n]).detach().float() for n in members]
-                w = torch.cat(ws)
-                if h is None:
-                    deq, scale, zp = rtn(w, target)
-                else:
-                    deq, scale, zp = gptq_quantize(w, h, target, damp=damp, act_order=act_order,
-                                                   block_size=block_size)
-                start = 0
-                for name, wi in zip(members, ws):
-                    stop = start + wi.shape[0]
-                    set_result(bp.linears[name], target, deq[start:stop], scale[start:stop],
-                               zp[start:stop])
-                    start = stop
-            hessians.pop(leader, None)  # free as soon as its Linears are done
+        hessians_phase = {"first": True}
+        groups = list(bp.collect(on_input).items())
+        hessians_phase["first"] = False
+        for index, (leader, names) in enumerate(groups):
+            if sequential and index > 0:
+                # true-sequential: this group's inputs with the groups before it quantized
+                hessians.clear()
+                bp.collect(on_input, only=names)
+                h = next(iter(hessians.values())).value() if hessians else None
+            else:
+                h = hessians[leader].value() if leader in hessians else None
+            held = sum(acc.value().numel() * 8 for acc in hessians.values())
+            report["hessian_bytes_peak"] = max(report.get("hessian_bytes_peak", 0), held)
+            quantize_group(bp, names, h)
+            hessians.pop(leader, None)  # freed as soon as its Linears are done
+        hessians.clear()
     return process
 
 

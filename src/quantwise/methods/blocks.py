@@ -185,10 +185,12 @@ class BlockPass:
         self.forward_calls += 1
         return _first(self.block(*item.args, **item.kwargs))
 
-    def collect(self, on_input: Callable[[str, torch.Tensor], None]) -> dict[str, list[str]]:
+    def collect(self, on_input: Callable[[str, torch.Tensor], None],
+                only: Iterable[str] | None = None) -> dict[str, list[str]]:
         """Run the block on every input; call on_input(leader, rows) once per distinct Linear
         input per sample (Linears fed the very same tensor, e.g. q/k/v, share one leader).
-        Returns (and keeps in .groups) leader -> [names of the Linears sharing that input]."""
+        Returns (and keeps in .groups) leader -> [names of the Linears sharing that input], in
+        the order the block calls them. `only`: watch just these Linears."""
         seen: dict[int, tuple[torch.Tensor, str]] = {}  # id(input) -> (input kept alive, leader)
         follower_of: dict[str, str] = {}
         state: dict[str, Any] = {}
@@ -205,7 +207,8 @@ class BlockPass:
                 on_input(name, rows(x.detach(), state["mask"]))
             return hook
 
-        handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in self.linears.items()]
+        watched = self.linears if only is None else {n: self.linears[n] for n in only}
+        handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in watched.items()]
         try:
             for item in self.inputs:
                 state["mask"] = item.token_mask
@@ -216,10 +219,10 @@ class BlockPass:
                 handle.remove()
             seen.clear()
         groups: dict[str, list[str]] = {}
-        for name in self.linears:
-            if name in follower_of:
-                groups.setdefault(follower_of[name], []).append(name)
-        self.groups = groups
+        for name in follower_of:  # call order
+            groups.setdefault(follower_of[name], []).append(name)
+        if only is None:
+            self.groups = groups
         return groups
 
 
@@ -241,6 +244,7 @@ def run_blocks(model: nn.Module, calib_data: Iterable[Any],
         with torch.no_grad():
             inputs = capture_block_inputs(model, blocks[0], calib_data)
             report["samples"] = len(inputs)
+            report["input_bytes"] = sum(i.hidden.numel() * i.hidden.element_size() for i in inputs)
             from tqdm.auto import tqdm
             for index in tqdm(range(len(blocks)), desc=desc, disable=not progress):
                 block = blocks[index]

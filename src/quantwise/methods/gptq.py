@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from quantwise.methods.weights import WeightTarget, fake_quant, group_qparams
+from quantwise.methods.weights import WeightTarget, fake_quant, group_qparams, mse_shrink
 
 
 @dataclass
@@ -55,9 +55,11 @@ class HessianAccumulator:
 
 
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, target: WeightTarget, *, damp: float = 0.01,
-                  act_order: bool = False, block_size: int = 128
+                  act_order: bool = False, block_size: int = 128, mse: bool = False
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """GPTQ of w [out, in] with Hessian h [in, in].
+    """GPTQ of w [out, in] with Hessian h [in, in]. `mse`: each group's range is shrunk to
+    minimize sum |w - Q(w)|^2.4 over its weights when its scales are computed (the reference
+    quantizer's `mse` option) instead of covering the full range.
 
     Returns (dequantized weight [out, in] float32, scale [out, in // group] float32,
     zero point [out, in // group] int32): the dequantized weight is (q - zp) * scale exactly."""
@@ -73,7 +75,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, target: WeightTarget, *, dam
     zp = torch.empty(rows, n_groups, dtype=torch.int32)
     static = act_order or n_groups == 1
     if static:  # every group's scales from the original weight (see the module docstring)
-        s, z = group_qparams(W.reshape(rows, n_groups, group), target)
+        s, z = _qparams(W.reshape(rows, n_groups, group), target, mse)
         scale.copy_(s)
         zp.copy_(z)
 
@@ -101,7 +103,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, target: WeightTarget, *, dam
             if not static and col % group == 0:
                 # this group's columns as updated so far: the rest of this block, then beyond it
                 span = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :group]
-                s, z = group_qparams(span, target)
+                s, z = _qparams(span, target, mse)
                 scale[:, g], zp[:, g] = s, z
             w_col = W1[:, i]
             q_col = fake_quant(w_col, scale[:, g], zp[:, g], target)
@@ -115,6 +117,10 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, target: WeightTarget, *, dam
     if perm is not None:
         Q = Q[:, torch.argsort(perm)]
     return Q, scale, zp
+
+
+def _qparams(w: torch.Tensor, target: WeightTarget, mse: bool):
+    return group_qparams(w, target, mse_shrink(w, target) if mse else 1.0)
 
 
 def _inverse_cholesky(H: torch.Tensor) -> torch.Tensor:

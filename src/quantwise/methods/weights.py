@@ -129,3 +129,26 @@ def set_result(module: nn.Module, target: WeightTarget, deq: torch.Tensor, scale
 
 def precomputed_qparams(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
     return getattr(module, PRECOMPUTED_ATTR, None)
+
+
+def mse_shrink(w: torch.Tensor, target: WeightTarget, norm: float = 2.4, steps: int = 40,
+               lowest: float = 0.5) -> torch.Tensor:
+    """Per-row factor in [lowest, 1] that shrinks the quantization range of w [..., k] (rows
+    over the last dim) to minimize sum |w - Q(w)|^norm: the data-free clipping search of the
+    reference GPTQ quantizer (norm 2.4). Returns float64 [...]."""
+    w = w.detach().float()
+    best_err = torch.full(w.shape[:-1], float("inf"))
+    best = torch.ones(w.shape[:-1], dtype=torch.float64)
+    for i in range(steps):
+        r = 1.0 - (1.0 - lowest) * i / max(steps - 1, 1)
+        scale, zp = group_qparams(w, target, r)
+        err = (fake_quant(w, scale.unsqueeze(-1), zp.unsqueeze(-1), target) - w).abs().pow(norm).sum(-1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, torch.full_like(best, r), best)
+    return best
+
+
+def rtn_mse(w: torch.Tensor, target: WeightTarget) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """rtn() with each group's range chosen by mse_shrink."""
+    return rtn(w, target, mse_shrink(grouped(w.detach().float(), target.group), target))
