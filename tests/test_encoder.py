@@ -99,9 +99,20 @@ def test_training_mode_and_grad_inputs_use_the_layer_forward(qbert):
     assert torch.equal(a, b)
 
 
-def test_other_configs_are_left_alone():
+def test_static_int8_layers_are_fused_too():
     model = _bert()
     q = quantwise.quantize(model, "w8a8", [_inputs()], progress=False)  # static activations
+    assert get_state(q).encoder.layers == ["encoder.layer.0", "encoder.layer.1"]
+    slow = copy.deepcopy(q)
+    remove_encoder_fastpath(slow)
+    batch = _inputs()
+    keep = batch["attention_mask"].bool()
+    assert (_hidden(q, batch) - _hidden(slow, batch))[keep].abs().max() < 0.02
+
+
+def test_other_configs_are_left_alone():
+    model = _bert()
+    q = quantwise.quantize(model, "w8", [_inputs()], progress=False)  # weight-only
     report = get_state(q).encoder
     assert not report.layers and "per-token" in next(iter(report.skipped.values()))
     assert "forward" not in q.encoder.layer[0].__dict__

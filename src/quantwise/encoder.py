@@ -1,4 +1,6 @@
-"""The encoder fast path: BERT-style layers whose Linears run per-token int8 GEMMs.
+"""The encoder fast path: BERT-style layers whose Linears run int8 GEMMs (per-token dynamic
+or static per-tensor inputs, in any mix; static layers are described at `_Lin` and
+`FastBertLayer._onednn_ffn`).
 
 Eager Hugging Face BERT layers quantize the same input three times (query, key, value), copy
 Q/K/V into head-major layouts, allocate every temporary afresh (on this machine the page
@@ -24,7 +26,7 @@ from __future__ import annotations
 import math
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +37,6 @@ from quantwise.kernels.int8_linear import IntMMLinear
 from quantwise.modules import QuantizedLayer
 from quantwise.spec import Format, PerTensor
 from quantwise.state import QuantState
-
 
 _SCRATCH = threading.local()  # reusable temporaries of the fast layers, per thread
 
@@ -56,7 +57,7 @@ class EncoderReport:
         return text
 
 
-def _per_token_kernel(module: Any) -> Optional[IntMMLinear]:
+def _per_token_kernel(module: Any) -> IntMMLinear | None:
     kernel = getattr(module, "kernel", None)
     if (isinstance(module, QuantizedLayer) and module.kind == "linear"
             and isinstance(kernel, IntMMLinear) and not kernel.static and kernel.per_token
@@ -87,7 +88,7 @@ class _Lin:
     (uint8 inputs shifted by -128 together with their zero point); `s` is the explicit
     SmoothQuant division (or 1). Dynamic (per-token): the per-layer IntMMLinear arithmetic."""
 
-    def __init__(self, module: QuantizedLayer, smooth: Optional[torch.Tensor] = None) -> None:
+    def __init__(self, module: QuantizedLayer, smooth: torch.Tensor | None = None) -> None:
         kernel = _per_token_kernel(module)
         self.static = kernel is None
         self.smooth = None if smooth is None else smooth.detach().to(torch.float32).contiguous()
@@ -113,7 +114,7 @@ class _Lin:
             bias = (bias.double() - self.zp * colsum * self.col_scale.double()).float()
         self.bias = bias.contiguous()
 
-    def same_input(self, other: "_Lin") -> bool:
+    def same_input(self, other: _Lin) -> bool:
         if self.static != other.static:
             return False
         if not self.static:
@@ -122,7 +123,7 @@ class _Lin:
             self.div, other.div)
 
 
-def _bert_parts(layer: nn.Module) -> Optional[dict]:
+def _bert_parts(layer: nn.Module) -> dict | None:
     """The submodules of a BERT-style layer, or None if `layer` does not look like one."""
     try:
         att = layer.attention
@@ -137,7 +138,7 @@ def _bert_parts(layer: nn.Module) -> Optional[dict]:
     return parts
 
 
-def _why_not(layer: nn.Module, parts: dict) -> Optional[str]:
+def _why_not(layer: nn.Module, parts: dict) -> str | None:
     if getattr(layer, "is_decoder", False) or getattr(layer, "add_cross_attention", False):
         return "decoder / cross-attention layer"
     if getattr(layer, "chunk_size_feed_forward", 0):
@@ -154,7 +155,7 @@ def _why_not(layer: nn.Module, parts: dict) -> Optional[str]:
     return None
 
 
-def _gelu_approximation(act: nn.Module) -> Optional[str]:
+def _gelu_approximation(act: nn.Module) -> str | None:
     if isinstance(act, nn.GELU):
         return act.approximate
     inner = getattr(act, "act", None)  # transformers' GELUActivation wraps F.gelu
@@ -217,6 +218,12 @@ class FastBertLayer:
         self.projs = (q, k, v)
         self.ln1, self.ln2 = parts["ln1"], parts["ln2"]
         self.gelu = _gelu_approximation(parts["act"])
+        # Static intermediate + output Linears on oneDNN: GELU and the requantization to f's
+        # uint8 input run in i's GEMM epilogue, and the residual add in f's ("sum" post-op).
+        # The modules are kept (not their kernels): deepcopy rebuilds a module's kernel.
+        self.i_mod, self.f_mod = parts["i"], parts["f"]
+        self.onednn_ffn = all(x.static and hasattr(m.kernel, "packed") and m.kernel.static
+                              for x, m in ((self.i, self.i_mod), (self.f, self.f_mod)))
 
     # -- buffers -------------------------------------------------------------------------------
     def _buf(self, key: str, shape: tuple, dtype=torch.float32) -> torch.Tensor:
@@ -270,8 +277,21 @@ class FastBertLayer:
         codes, scale = self._quantize(x, lin, key, inplace)
         return self._linear(codes, scale, lin.w_t, lin.col_scale, lin.bias, key)
 
+    def _onednn_ffn(self, h1: torch.Tensor) -> torch.Tensor:
+        """f(GELU(i(h1))) + h1 with two oneDNN calls; the sum is written into h1."""
+        ki, kf = self.i_mod.kernel, self.f_mod.kernel
+        codes, _ = self._quantize(h1, self.i, "h")
+        u = codes.view(torch.uint8).bitwise_xor_(128)  # int8 codes + 128: i's uint8 codes
+        y = torch.ops.onednn.qlinear_pointwise(
+            u, ki.quant.scale, ki.quant.zero_point, ki.packed, ki.w_scale, ki.w_zero_point,
+            ki.bias, kf.quant.scale, kf.quant.zero_point, torch.uint8, "gelu", [],
+            "tanh" if self.gelu == "tanh" else "none")
+        return torch.ops.onednn.qlinear_pointwise.binary(
+            y, kf.quant.scale, kf.quant.zero_point, kf.packed, kf.w_scale, kf.w_zero_point, h1,
+            kf.bias, 1.0, 0, torch.float32, 1.0, 0, "sum", 1.0, "none", [], "")
+
     @staticmethod
-    def _mask(mask: Optional[torch.Tensor], b: int, heads: int, t: int):
+    def _mask(mask: torch.Tensor | None, b: int, heads: int, t: int):
         """(per-key row mask [B*heads, 1, T] for baddbmm, or a full [B, 1, T, T] mask, or None)."""
         if mask is None:
             return None, None
@@ -328,9 +348,12 @@ class FastBertLayer:
         tokens.permute(0, 2, 1, 3).copy_(ctx.view(b, nh, t, d))
         y = self._run(tokens.view(m, hidden), self.o, "h").add_(x)
         h1 = F.layer_norm(y, (hidden,), self.ln1.weight, self.ln1.bias, self.ln1.eps)
-        y = self._run(h1, self.i, "h")
-        torch.ops.aten.gelu_(y, approximate=self.gelu)
-        y = self._run(y, self.f, "i", inplace=True).add_(h1)
+        if self.onednn_ffn:
+            y = self._onednn_ffn(h1)
+        else:
+            y = self._run(h1, self.i, "h")
+            torch.ops.aten.gelu_(y, approximate=self.gelu)
+            y = self._run(y, self.f, "i", inplace=True).add_(h1)
         out = F.layer_norm(y, (hidden,), self.ln2.weight, self.ln2.bias, self.ln2.eps)
         return out.view(b, t, hidden)
 

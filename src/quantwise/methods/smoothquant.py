@@ -37,8 +37,9 @@ calibration data, int8 symmetric per-channel weights), measured on a sample of c
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -122,8 +123,8 @@ class _Group:
     linears: list[tuple[str, nn.Linear]]
     fold_desc: str
     apply_fold: Callable[[torch.Tensor], None]       # divide X by s at its source
-    reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None  # [K] -> [K'] (GQA)
-    expand: Optional[Callable[[torch.Tensor], torch.Tensor]] = None  # [K'] -> [K]
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None  # [K] -> [K'] (GQA)
+    expand: Callable[[torch.Tensor], torch.Tensor] | None = None  # [K'] -> [K]
     order: int = 0                                   # child folds (v, up rows) first
 
 
@@ -238,8 +239,8 @@ def find_groups(model: nn.Module) -> tuple[list[_Group], dict[str, str]]:
 # -- statistics ---------------------------------------------------------------------------------
 class _Stats:
     def __init__(self, seed: int) -> None:
-        self.amax: Optional[torch.Tensor] = None
-        self.amin: Optional[torch.Tensor] = None
+        self.amax: torch.Tensor | None = None
+        self.amin: torch.Tensor | None = None
         self.rows: list[torch.Tensor] = []
         self.count = 0
         self.gen = torch.Generator().manual_seed(seed)
@@ -302,8 +303,8 @@ def smoothing_scale(xmax: torch.Tensor, wmax: torch.Tensor, alpha: float) -> tor
 
 
 def group_error(x: torch.Tensor, amin: torch.Tensor, amax: torch.Tensor,
-                weights: list[torch.Tensor], s: Optional[torch.Tensor],
-                refs: Optional[list[torch.Tensor]] = None) -> float:
+                weights: list[torch.Tensor], s: torch.Tensor | None,
+                refs: list[torch.Tensor] | None = None) -> float:
     """Relative output error of the group when its input is X / s (static per-tensor uint8 with
     the calibration min/max) and its weights are W * s (int8 per-channel), vs float X W^T."""
     if s is None:
@@ -370,5 +371,14 @@ def smooth(model: nn.Module, calib_data, *, alpha: float | None = None,
     return report
 
 
-__all__ = ["smooth", "SmoothReport", "GroupResult", "find_groups", "smoothing_scale",
-           "group_error", "PreScaledForward", "prescaled_modules", "restore_prescale"]
+__all__ = [
+    "GroupResult",
+    "PreScaledForward",
+    "SmoothReport",
+    "find_groups",
+    "group_error",
+    "prescaled_modules",
+    "restore_prescale",
+    "smooth",
+    "smoothing_scale",
+]
