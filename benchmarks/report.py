@@ -13,6 +13,9 @@ TARGETS = [
     ("minilm", "quantwise w8a8-dynamic", "quality.cos_mean", ">=", 0.995),
     ("minilm", "quantwise w8a8-dynamic", "quality.cos_min", ">=", 0.99),
     ("resnet18", "quantwise w8a8 -> ORT", "speedup_vs_ort_fp32", ">=", 2.0),  # issue 5
+    ("minilm", "quantwise w8a8-smoothquant", "speedup_vs_ort_fp32", ">=", 2.5),  # issue 6
+    ("minilm", "quantwise w8a8-smoothquant", "quality.cos_mean", ">=", 0.99),
+    ("minilm", "quantwise w8a8-smoothquant", "quality.cos_min", ">=", 0.97),
 ] + [(m, f"quantwise {p}", "size_vs_fp32", "<=", 0.15 if p == "w4" else 0.26)
      for m in ("resnet18", "minilm", "digits") for p in ("w8a8", "w8a8-dynamic", "w8", "w4")]
 

@@ -130,9 +130,14 @@ def layer_counts(rows: list[Any]) -> dict[str, Any]:
     return out
 
 
-def builders(args: argparse.Namespace) -> list[tuple[str, Any]]:
+# Presets that only make sense for some models (SmoothQuant needs transformer layers).
+MODEL_PRESETS = {"minilm": ("w8a8-smoothquant",)}
+
+
+def builders(args: argparse.Namespace, model: str = "") -> list[tuple[str, Any]]:
     rows = [("torch fp32", torch_fp32), anchors.BUILDERS[0]]
-    rows += [(f"quantwise {p}", partial(quantwise_preset, p)) for p in args.presets]
+    presets = list(args.presets) + [p for p in MODEL_PRESETS.get(model, ()) if args.model_presets]
+    rows += [(f"quantwise {p}", partial(quantwise_preset, p)) for p in presets]
     rows += [(f"quantwise {p} -> ORT", partial(quantwise_onnx, p)) for p in args.onnx_presets]
     rows += anchors.BUILDERS[1:]
     if args.systems:  # development filter; the two fp32 references always run (ratios need them)
@@ -150,7 +155,7 @@ def log(msg: str) -> None:
 def bench_case(case: Case, args: argparse.Namespace, ctx: dict[str, Any]) -> dict[str, Any]:
     ref = cases_mod.reference_outputs(case)
     systems, natives, rows = [], [], []
-    for name, build in builders(args):
+    for name, build in builders(args, case.name):
         row: dict[str, Any] = {"system": name}
         rows.append(row)
         try:
@@ -266,6 +271,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=2, help="torch threads = ORT intra-op threads")
     p.add_argument("--presets", default=",".join(PRESETS), help="quantwise presets to run")
+    p.add_argument("--no-model-presets", dest="model_presets", action="store_false",
+                   help="skip the per-model presets (w8a8-smoothquant on MiniLM)")
     p.add_argument("--onnx-presets", default="w8a8,w8a8-dynamic",
                    help="quantwise presets exported to ONNX (quantwise.export) and run by ONNX Runtime")
     p.add_argument("--systems", default="", help="only systems whose name contains one of these")

@@ -27,3 +27,24 @@ def test_conv_repacks_once_for_the_first_real_input_size():
     assert torch.equal(kernel(x), first)
     kernel(torch.randn(1, 8, 11, 11))
     assert kernel.phases[0]["packed"] is packed
+
+
+def test_4_bit_static_activations_run_on_the_8_bit_kernels_exactly():
+    """uint4 / int4 input codes are a sub-range of the 8-bit ones: real kernels, and the result
+    equals the float simulation up to float rounding of the exact integer sums."""
+    import torch.nn.functional as F
+
+    from quantwise.kernels import make_linear_kernel
+
+    torch.manual_seed(0)
+    spec = QuantSpec(Format.INT4, granularity=PerChannel(0))
+    for fmt, zp in ((Format.UINT4, 3), (Format.INT4, 0)):
+        act = StaticAct(0.2, zp, QuantSpec(fmt, symmetric=fmt == Format.INT4))
+        w, x = torch.randn(24, 40), torch.randn(5, 40)
+        scale, wzp = numerics.qparams_from_range(*numerics.tensor_range(w, spec), spec)
+        codes = numerics.quantize(w, scale, wzp, spec)
+        kernel = make_linear_kernel(codes, scale, wzp, spec, None, act)
+        assert kernel.fallback_reason is None, kernel.fallback_reason
+        xq = numerics.fake_quantize(x, torch.tensor(act.scale), torch.tensor(zp), act.spec)
+        sim = F.linear(xq, numerics.dequantize(codes, scale, wzp, spec))
+        torch.testing.assert_close(kernel(x), sim, rtol=1e-5, atol=1e-5)

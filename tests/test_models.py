@@ -113,7 +113,7 @@ def test_minilm_matches_sentence_transformers(minilm):
 # ---------------------------------------------------------------- registry
 
 def test_builtins_and_default():
-    assert set(BUILTIN_MODELS) == {"digits", "minilm"} and DEFAULT_MODEL == "digits"
+    assert set(BUILTIN_MODELS) == {"digits", "minilm", "stdlib-lm"} and DEFAULT_MODEL == "digits"
     model, info = load_model("digits")
     assert isinstance(model, DigitsCNN) and not model.training
     assert (info.kind, info.calib_data, info.eval_data, info.metric) == ("classifier", "digits", "digits", "top1")

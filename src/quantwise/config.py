@@ -323,6 +323,7 @@ def _check_keys(data: dict[str, Any], allowed: set[str], what: str) -> None:
 
 _W8 = QuantSpec("int8", symmetric=True, narrow_range=True, granularity=PerChannel(0))
 _W4 = QuantSpec("int4", symmetric=True, granularity=PerGroup(128))
+_W4C = QuantSpec("int4", symmetric=True, granularity=PerChannel(0))
 _A8_STATIC = QuantSpec("uint8", symmetric=False, granularity=PerTensor())
 _A8_TOKEN = QuantSpec("int8", symmetric=True, granularity=PerToken())
 
@@ -346,7 +347,8 @@ PRESETS: dict[str, Config] = {
     "bf16": Config(LayerConfig(weight=QuantSpec("bf16")), name="bf16"),
     # 4-bit weights with 8- or 4-bit static activations: for QAT (quantwise.prepare_qat) and
     # PTQ alike; 4-bit codes run exactly on the 8-bit integer kernels.
-    "w4a8": Config(LayerConfig(weight=_W4, activation=_A8_STATIC), name="w4a8"),
-    "w4a4": Config(LayerConfig(weight=_W4, activation=QuantSpec("uint4", symmetric=False,
-                                                                granularity=PerTensor())), name="w4a4"),
+    # (per-channel weight scales: one integer GEMM per layer, as per-group scales cannot be)
+    "w4a8": Config(LayerConfig(weight=_W4C, activation=_A8_STATIC), name="w4a8"),
+    "w4a4": Config(LayerConfig(weight=_W4C, activation=QuantSpec("uint4", symmetric=False,
+                                                                 granularity=PerTensor())), name="w4a4"),
 }

@@ -147,8 +147,17 @@ def _metadata(model: nn.Module, state: QuantState) -> dict[str, Any]:
             "folded": [list(pair) for pair in state.folded],
             **({"prescaled": prescaled} if (prescaled := prescaled_modules(model)) else {}),
             # The kernel is not stored: load names the one it rebuilds on that machine.
-            "records": [{k: v for k, v in r.to_dict().items() if k != "kernel"}
-                        for r in state.records.values()]}
+            # Fields at their defaults are left out (LayerRecord restores them): the metadata of
+            # a small model is a visible part of its checkpoint.
+            "records": [_compact(r) for r in state.records.values()]}
+
+
+_RECORD_DEFAULTS = LayerRecord("", "").to_dict()
+
+
+def _compact(record: LayerRecord) -> dict[str, Any]:
+    return {k: v for k, v in record.to_dict().items()
+            if k in ("name", "module_type") or (k != "kernel" and v != _RECORD_DEFAULTS[k])}
 
 
 def read_metadata(folder: str | Path) -> dict[str, Any]:

@@ -7,11 +7,13 @@ same real-kernel model as post-training quantization at the end.
         ...
     qmodel = quantwise.convert(qat)                              # real int kernels, saveable
 
-prepare_qat = prepare (deep copy, Conv+BatchNorm folded with the running statistics) +
-calibrate (initial ranges) + every ObservedLayer replaced by a QATLayer:
+prepare_qat = [the config's method, e.g. GPTQ, on a copy] + prepare (deep copy, Conv+BatchNorm
+folded with the running statistics) + calibrate (initial ranges) + every ObservedLayer replaced
+by a QATLayer:
 
 - weights: fake-quantized with a learnable scale per channel / group (LSQ, Esser et al. 2020),
-  initialised from the round-to-nearest max range;
+  initialised from the round-to-nearest max range, or from the method's scales ("w4-gptq":
+  QAT then starts where GPTQ ended);
 - static activations: fake-quantized with a learnable scale (zero point fixed at its
   calibrated value), initialised from the calibrated range; dynamic ones are recomputed per
   batch as at run time;
@@ -29,6 +31,7 @@ fine-tuning (the "freeze late" schedule of Krishnamoorthi 2018 is not implemente
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterable
 from typing import Any
@@ -45,6 +48,7 @@ from quantwise.modules.layers import float_weight, is_hf_conv1d, weight_spec_for
 from quantwise.numerics import TINY, qparams_from_range, tensor_range
 from quantwise.spec import PerChannel, PerGroup, PerToken, QuantSpec
 from quantwise.state import get_state
+from quantwise.methods import apply_method
 from quantwise.workflow import PRECOMPUTED_ATTR, calibrate, observed_layers, prepare
 
 
@@ -93,6 +97,9 @@ class QATLayer(ObservedLayer):
         self.weight_spec, _ = weight_spec_for(obs.module, cfg.weight)
         w = float_weight(obs.module).detach().float()
         scale, zp = qparams_from_range(*tensor_range(w, self.weight_spec), self.weight_spec)
+        pre = getattr(obs.module, PRECOMPUTED_ATTR, None)  # a method's (GPTQ, AWQ) scales
+        if pre is not None and tuple(pre[0].shape) == tuple(scale.shape):
+            scale, zp = pre[0].float(), pre[1]
         self.weight_scale = nn.Parameter(scale.clone())
         self.register_buffer("weight_zero_point", zp.float())
         self.act_spec: QuantSpec | None = None
@@ -164,6 +171,13 @@ def prepare_qat(model: nn.Module, config: "Config | str" = "w4a8", calib_data: I
     """A deep copy of `model` ready for quantization-aware training (train mode; see module
     docstring). `calib_data` initialises the activation ranges; without it, static
     activations are calibrated on the first batch the model sees."""
+    config = Config.resolve(config)
+    if config.method is not None:  # e.g. "w4-gptq": QAT starts from GPTQ's weights and scales
+        if calib_data is None:
+            raise ConfigError(f"method {config.method!r} needs calib_data")
+        calib_data = list(calib_data)
+        model = copy.deepcopy(model)
+        apply_method(model, config, calib_data, progress=progress)
     prepared = prepare(model, config, source=source)
     state = get_state(prepared)
     needs_ranges = any(o.calibrator is not None for o in observed_layers(prepared))

@@ -166,8 +166,10 @@ class QuantSpec:
         return high - 1 if self.narrow_range else high
 
     def to_dict(self) -> dict[str, Any]:
+        # narrow_range only when set: a saved model's metadata repeats this per layer
         return {"format": self.format.value, "symmetric": self.symmetric,
-                "narrow_range": self.narrow_range, "granularity": self.granularity.to_dict()}
+                **({"narrow_range": True} if self.narrow_range else {}),
+                "granularity": self.granularity.to_dict()}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "QuantSpec":

@@ -188,7 +188,7 @@ class QuantizedLayer(nn.Module):
                 "act_spec": self.act_spec.to_dict() if self.act_spec else None,
                 "dynamic": self.dynamic, "weight_shape": list(self.weight_shape),
                 "scale_shape": list(self.weight_scale.shape), "bias_size": None if self.bias is None else self.bias.numel(),
-                "tied_to": self.tied_to,
+                **({"tied_to": self.tied_to} if self.tied_to else {}),
                 "layer_args": {k: list(v) if isinstance(v, tuple) else v for k, v in self.layer_args.items()},
                 **({"output_qparams": True} if hasattr(self, "output_scale") else {})}
 
