@@ -178,7 +178,9 @@ def prepare_qat(model: nn.Module, config: "Config | str" = "w4a8", calib_data: I
         calib_data = list(calib_data)
         model = copy.deepcopy(model)
         apply_method(model, config, calib_data, progress=progress)
-    prepared = prepare(model, config, source=source)
+        prepared = prepare(model, config, source=source, inplace=True)
+    else:
+        prepared = prepare(model, config, source=source)
     state = get_state(prepared)
     needs_ranges = any(o.calibrator is not None for o in observed_layers(prepared))
     if calib_data is not None:

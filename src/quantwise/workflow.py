@@ -36,10 +36,12 @@ from quantwise.spec import Format, QuantSpec
 from quantwise.state import LayerRecord, QuantState, get_state, set_state
 
 
-def prepare(model: nn.Module, config: "Config | str", source: str | None = None) -> nn.Module:
-    """A deep copy of `model` whose selected layers observe their inputs for calibration."""
+def prepare(model: nn.Module, config: "Config | str", source: str | None = None,
+            inplace: bool = False) -> nn.Module:
+    """A deep copy of `model` whose selected layers observe their inputs for calibration
+    (`inplace`: `model` itself, for callers that already hold a private copy)."""
     config = Config.resolve(config)
-    prepared = copy.deepcopy(model)
+    prepared = model if inplace else copy.deepcopy(model)
     state = QuantState(config=config, source=source)
     state.folded = _fold_batchnorms(prepared, config, state)
     supported_children: set[str] = set()
@@ -308,8 +310,10 @@ def quantize(model: nn.Module, config: "Config | str" = "w8a8", calib_data: Iter
             calib_data = list(calib_data)  # it is read twice: by the method, then calibration
         work = copy.deepcopy(model)
         apply_method(work, config, calib_data, progress=progress)
-        model = work
-    prepared = prepare(model, config, source=source)
+        # `work` is ours: prepared in place, so GPTQ/AWQ hold one copy of the model, not two
+        prepared = prepare(work, config, source=source, inplace=True)
+    else:
+        prepared = prepare(model, config, source=source)
     if needs_data:
         calibrate(prepared, calib_data, progress=progress)
     elif calib_data is not None:
