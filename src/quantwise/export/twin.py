@@ -104,13 +104,13 @@ class LayerTwin(nn.Module):
         self.axis = axis
         if linear and self.in_q is not None and self.bias is not None:
             # ONNX Runtime turns MatMul + Add of a 2-D input into Gemm, and runs that as QGemm
-            # only with an int32 bias (scale = input scale x weight scale): quantize it so
+            # only with an int32 bias (scale = input scale x weight scale): quantize it so (a
+            # 3-D MatMul keeps its float bias: MatMulIntegerToFloat takes it as it is)
             bias_scale = (self.in_q[0] * scale).expand(codes.shape[1]).contiguous()
             self.register_buffer("bias_codes", torch.round(self.bias / bias_scale)
                                  .clamp(-2 ** 31, 2 ** 31 - 128).to(torch.int32))
             self.register_buffer("bias_scale", bias_scale)
             self.register_buffer("bias_zero_point", torch.zeros_like(self.bias_codes))
-            self.bias = None
         note = None if fmt.bits == 8 else f"{fmt.value} codes stored as 8-bit in the ONNX file"
         return "dq", note
 
@@ -175,7 +175,7 @@ class LayerTwin(nn.Module):
         w = self.weight_value()
         if self.kind == "linear":
             y = torch.matmul(x, w)
-            if hasattr(self, "bias_codes"):
+            if hasattr(self, "bias_codes") and x.dim() == 2:  # only Gemm (2-D) needs it
                 return y + _QDQ.dq_weight(self.bias_codes, self.bias_scale, self.bias_zero_point, 0)
             return y if self.bias is None else y + self.bias
         a = self.args
