@@ -347,3 +347,18 @@ def test_method_without_blocks_or_data():
     assert qmodel._quantwise.records["0"].status == "quantized"
     with pytest.raises(quantwise.errors.CalibrationError, match="method 'gptq' needs it"):
         quantwise.quantize(model, "w4-gptq", None, progress=False)
+
+
+def test_inplace_quantize_consumes_the_model_and_matches_the_copy():
+    """inplace=True: no copy of the model is made (for models that fit in memory once); the
+    result equals the copying path."""
+    import hf_models
+
+    model = hf_models.build("llama")
+    calib = [hf_models.example_inputs("llama", seed) for seed in range(2)]
+    copied = quantwise.quantize(model, "w4-gptq", calib, progress=False)
+    consumed = quantwise.quantize(model, "w4-gptq", calib, progress=False, inplace=True)
+    assert consumed is model
+    x = hf_models.example_inputs("llama", 9)
+    with torch.no_grad():
+        assert torch.equal(hf_models.main_output(consumed(**x)), hf_models.main_output(copied(**x)))

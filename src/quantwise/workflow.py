@@ -286,8 +286,12 @@ def _note(record: LayerRecord, note: str | None) -> None:
 
 def quantize(model: nn.Module, config: "Config | str" = "w8a8", calib_data: Iterable[Any] | None = None,
              *, progress: bool = True, source: str | None = None,
-             fuse: bool = True) -> nn.Module:
+             fuse: bool = True, inplace: bool = False) -> nn.Module:
     """Quantize a copy of `model` with `config` (a Config, preset name or file path).
+
+    `inplace=True` quantizes `model` itself (no copy; the float model is consumed): for models
+    that do not fit in memory twice. GPTQ/AWQ then hold the model plus one block's inputs and
+    statistics, and every converted layer frees its float weight.
 
     A config with a `method` ("gptq", "awq", "smoothquant", "rtn") runs it on a copy of the
     float model first (quantwise.methods), using `calib_data`, which it then requires.
@@ -308,12 +312,12 @@ def quantize(model: nn.Module, config: "Config | str" = "w8a8", calib_data: Iter
         # qparams the method left on each layer.
         if calib_data is not None and not hasattr(calib_data, "__len__"):
             calib_data = list(calib_data)  # it is read twice: by the method, then calibration
-        work = copy.deepcopy(model)
+        work = model if inplace else copy.deepcopy(model)
         apply_method(work, config, calib_data, progress=progress)
         # `work` is ours: prepared in place, so GPTQ/AWQ hold one copy of the model, not two
         prepared = prepare(work, config, source=source, inplace=True)
     else:
-        prepared = prepare(model, config, source=source)
+        prepared = prepare(model, config, source=source, inplace=inplace)
     if needs_data:
         calibrate(prepared, calib_data, progress=progress)
     elif calib_data is not None:
