@@ -43,7 +43,7 @@ from quantwise.workflow import quantize
 CHECKPOINT = "qat-checkpoint"
 RECIPES = {  # original lr (scripts/train_digits.py; MiniLM's pre-training), epochs, batch size
     "digits": {"lr": 2e-3 * 0.05, "epochs": 4, "batch_size": 64},
-    "minilm": {"lr": 1e-5, "epochs": 1, "batch_size": 32},
+    "minilm": {"lr": 2e-5, "epochs": 2, "batch_size": 32},
 }
 
 
@@ -145,6 +145,9 @@ def run_qat_job(model_ref: str = "digits", config: str = "w4a4", out: str | Path
         if epoch < start:
             continue
         qat.train()
+        for m in qat.modules():  # distillation targets a dropout-free teacher: no dropout noise
+            if isinstance(m, nn.Dropout):
+                m.eval()
         running = 0.0
         bar = tqdm(order.tolist(), desc=f"QAT epoch {epoch + 1}/{recipe['epochs']}",
                    disable=not progress, unit="batch")
