@@ -130,6 +130,7 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
 
 
 def _export(twin: nn.Module, args: tuple, kwargs: dict, shapes: Any, opset: int):
+    ops.OPSET["version"] = opset
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     with warnings.catch_warnings(), torch.no_grad():

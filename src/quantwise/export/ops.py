@@ -29,6 +29,7 @@ from onnxscript.values import Opset
 from quantwise.numerics import TINY
 
 _MS = Opset("com.microsoft", 1)
+OPSET = {"version": 18}  # the opset being exported (set by export_onnx for the translations)
 
 
 def _register_matmul_nbits() -> None:
@@ -130,13 +131,17 @@ def dynamic_matmul_onnx(x, codes_kn, w_scale, bias, per_token: bool, qmax: int):
     lead = op.Shape(x, start=0, end=-1)
     x2 = op.Reshape(x, _const([-1, k], np.int64))
     absx = op.Abs(x2) if per_token else op.Reshape(op.Abs(x2), _const([1, -1], np.int64))
-    # TopK(k=1) is the row max with one signature from opset 11 on (ReduceMax moved its axes
-    # from an attribute to an input at opset 18)
-    amax, _ = op.TopK(absx, _const([1], np.int64), axis=1)
+    if OPSET["version"] >= 18:
+        amax = op.ReduceMax(absx, _const([1], np.int64), keepdims=1)
+    else:  # ReduceMax took its axes as an attribute before opset 18; TopK(k=1) is the same max
+        amax, _ = op.TopK(absx, _const([1], np.int64), axis=1)
     s = op.Max(op.Div(amax, _const(float(qmax), np.float32)), _const(TINY, np.float32))
-    q = op.Cast(op.Clip(op.Round(op.Div(x2, s)), _const(-float(qmax), np.float32),
-                        _const(float(qmax), np.float32)), to=onnx.TensorProto.INT8)
-    acc = op.Cast(op.MatMulInteger(q, codes_kn), to=onnx.TensorProto.FLOAT)
+    # codes + 128 as uint8 with zero point 128: the same integers, and ONNX Runtime's fast
+    # (VNNI) MatMulInteger path is u8 x s8 (s8 x s8 measured 2.6x slower on MiniLM)
+    q = op.Cast(op.Add(op.Clip(op.Round(op.Div(x2, s)), _const(-float(qmax), np.float32),
+                               _const(float(qmax), np.float32)), _const(128.0, np.float32)),
+                to=onnx.TensorProto.UINT8)
+    acc = op.Cast(op.MatMulInteger(q, codes_kn, _const(128, np.uint8)), to=onnx.TensorProto.FLOAT)
     y = op.Mul(op.Mul(acc, s), w_scale)
     if bias is not None:
         y = op.Add(y, bias)
