@@ -463,8 +463,7 @@ FALLBACKS = [  # (description, linear?, weight spec, act factory, words in reaso
     ("per-token conv", False, W8, lambda x: DynamicAct(QuantSpec(granularity=PerToken())), "PerToken"),
     ("uint8 conv weights", False, QuantSpec(Format.UINT8, symmetric=False, granularity=PerChannel(0)),
      lambda x: static_act(x), "symmetric"),
-    ("per-channel acts", False, W8,
-     lambda x: StaticAct(0.1, 0, QuantSpec(Format.UINT8, granularity=PerChannel(1))), "per-tensor"),
+    ("per-channel acts", False, W8, lambda x: StaticAct(0.1, 0, QuantSpec(granularity=PerChannel(1))), "per-tensor"),
 ]
 
 
