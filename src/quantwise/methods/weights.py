@@ -135,8 +135,14 @@ def mse_shrink(w: torch.Tensor, target: WeightTarget, norm: float = 2.4, steps: 
                lowest: float = 0.5) -> torch.Tensor:
     """Per-row factor in [lowest, 1] that shrinks the quantization range of w [..., k] (rows
     over the last dim) to minimize sum |w - Q(w)|^norm: the data-free clipping search of the
-    reference GPTQ quantizer (norm 2.4). Returns float64 [...]."""
+    reference GPTQ quantizer (norm 2.4). Returns float64 [...]. Rows are independent: a large
+    weight (an embedding table) is searched in chunks of rows, so the search's temporaries stay
+    a few MB instead of several copies of the table."""
     w = w.detach().float()
+    chunk = max(1, (1 << 20) // max(1, w[0].numel()))  # ~1M elements per chunk
+    if w.dim() > 1 and w.shape[0] > chunk:
+        return torch.cat([mse_shrink(w[i:i + chunk], target, norm, steps, lowest)
+                          for i in range(0, w.shape[0], chunk)])
     best_err = torch.full(w.shape[:-1], float("inf"))
     best = torch.ones(w.shape[:-1], dtype=torch.float64)
     for i in range(steps):
