@@ -84,6 +84,14 @@ def test_convert_matches_the_qat_forward_within_one_step(data, tmp_path):
     out = quantwise.save(qmodel, tmp_path / "qat")
     with torch.no_grad():
         assert torch.equal(quantwise.load(out, model=model)(x), real)
+    # and it exports like any other quantized model
+    import onnxruntime as ort
+
+    from quantwise.export import export_onnx
+    path = export_onnx(qmodel, x[:2], tmp_path / "qat.onnx").path
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0])
+    assert float((got - real).norm() / real.norm()) < 0.05
 
 
 def test_distill_loss_kinds():
