@@ -22,9 +22,21 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from quantwise.errors import DataLoadError
+from quantwise.errors import CalibrationError, DataLoadError
 
 ModelInput = Union[Tensor, tuple, dict]
+
+
+def run_model(model: torch.nn.Module, sample: Any) -> Any:
+    """Call the model on one input: a Tensor, a tuple/list of tensors, or a dict of kwargs."""
+    if isinstance(sample, torch.Tensor):
+        return model(sample)
+    if isinstance(sample, (tuple, list)):
+        return model(*sample)
+    if isinstance(sample, dict):
+        return model(**sample)
+    raise CalibrationError(f"a model input must be a Tensor, a tuple of Tensors or a dict of "
+                           f"keyword arguments, got {type(sample).__name__}")
 BUILTIN_DATA = ("digits", "stdlib-text", "stdlib-code")
 STDLIB_CODE_CALIB_WINDOWS = 128  # windows of 256 byte tokens from the calib files
 TENSOR_SUFFIXES = (".npy", ".safetensors")

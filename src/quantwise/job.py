@@ -172,14 +172,7 @@ def run_benchmark_job(folder: str | Path, data: str | None = None, model_ref: st
                       log: Callable[[str], None] = lambda _: None) -> JobReport:
     """Reload a saved quantized model and measure it against its float model, side by side."""
     folder = Path(folder)
-    meta = read_metadata(folder)
-    ref = model_ref or meta.get("source")
-    if not ref:
-        raise CheckpointError(f"{folder} records no source model: pass --model (a built-in name, a "
-                              "Hugging Face folder, or package.module:function)")
-    log(f"loading float model {ref!r} and {folder}")
-    model, info = load_model(ref)
-    qmodel = load(folder, model=model)
+    meta, model, info, qmodel = _reload(folder, model_ref, log)
     if data is not None:
         evals = (load_calibration_data(data, info), "cosine")
     elif info.eval_data is not None:
@@ -188,6 +181,19 @@ def run_benchmark_job(folder: str | Path, data: str | None = None, model_ref: st
         raise CalibrationError(f"model {info.name!r} has no built-in evaluation data: pass --data "
                                "(a text file, or a folder of .npy / .safetensors inputs)")
     return _measure(model, qmodel, info, meta["config"].get("name", "quantized"), folder, evals)
+
+
+def _reload(folder: Path, model_ref: str | None, log: Callable[[str], None]
+            ) -> tuple[dict[str, Any], nn.Module, ModelInfo, nn.Module]:
+    """(metadata, float model, its info, the reloaded quantized model) of a saved folder."""
+    meta = read_metadata(folder)
+    ref = model_ref or meta.get("source")
+    if not ref:
+        raise CheckpointError(f"{folder} records no source model: pass --model (a built-in name, a "
+                              "Hugging Face folder, or package.module:function)")
+    log(f"loading float model {ref!r} and {folder}")
+    model, info = load_model(ref)
+    return meta, model, info, load(folder, model=model)
 
 
 def _measure(model: nn.Module, qmodel: nn.Module, info: ModelInfo, name: str, folder: Path,
@@ -220,17 +226,10 @@ def run_export_job(folder: str | Path, out: str | Path | None = None, model_ref:
     from quantwise.export.check import fusion_report, parity
 
     folder = Path(folder)
-    meta = read_metadata(folder)
-    ref = model_ref or meta.get("source")
-    if not ref:
-        raise CheckpointError(f"{folder} records no source model: pass --model (a built-in name, a "
-                              "Hugging Face folder, or package.module:function)")
     out = Path(out) if out else folder.with_name(folder.name + ".onnx")
     if out.resolve() == folder.resolve() or folder.resolve() in out.resolve().parents:
         raise OutputPathError(f"{out}: write the ONNX file outside the checkpoint folder {folder}")
-    log(f"loading float model {ref!r} and {folder}")
-    model, info = load_model(ref)
-    qmodel = load(folder, model=model)
+    _, _, info, qmodel = _reload(folder, model_ref, log)
     spec = data or info.calib_data
     if spec is None:
         raise CalibrationError(f"model {info.name!r} has no built-in sample data: pass --data "

@@ -28,6 +28,7 @@ from quantwise.encoder import apply_encoder_fastpath
 from quantwise.int8graph import apply_int8_graph
 from quantwise.methods import PRECOMPUTED_ATTR, apply_method
 from quantwise.errors import CalibrationError, QuantwiseError, QuantwiseWarning
+from quantwise.data import run_model  # noqa: F401 - re-exported: callers import it from here
 from quantwise.modules import ObservedLayer, QuantizedLayer, is_supported, kind_of, unsupported_reason
 from quantwise.modules import float_weight, weight_spec_for
 from quantwise.modules.layers import conv_args
@@ -93,18 +94,6 @@ def _calibrator_name(layer_config, module: nn.Module) -> str | None:
 
 def observed_layers(model: nn.Module) -> list[ObservedLayer]:
     return [m for m in model.modules() if isinstance(m, ObservedLayer)]
-
-
-def run_model(model: nn.Module, sample: Any) -> Any:
-    """Call the model on one input: a Tensor, a tuple/list of tensors, or a dict of kwargs."""
-    if isinstance(sample, torch.Tensor):
-        return model(sample)
-    if isinstance(sample, (tuple, list)):
-        return model(*sample)
-    if isinstance(sample, dict):
-        return model(**sample)
-    raise CalibrationError(f"a model input must be a Tensor, a tuple of Tensors or a dict of "
-                           f"keyword arguments, got {type(sample).__name__}")
 
 
 def describe_sample(sample: Any) -> str:

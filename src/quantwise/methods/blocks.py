@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from quantwise.errors import CalibrationError, QuantwiseError
+from quantwise.data import run_model
 from quantwise.modules.layers import is_hf_conv1d
 
 
@@ -79,17 +80,6 @@ class BlockInput:
             self.kwargs["hidden_states"] = value
 
 
-def _run(model: nn.Module, sample: Any) -> Any:
-    if isinstance(sample, torch.Tensor):
-        return model(sample)
-    if isinstance(sample, (tuple, list)):
-        return model(*sample)
-    if isinstance(sample, dict):
-        return model(**sample)
-    raise CalibrationError(f"a model input must be a Tensor, a tuple of Tensors or a dict of "
-                           f"keyword arguments, got {type(sample).__name__}")
-
-
 def _is_cache(value: Any) -> bool:
     return type(value).__name__.endswith("Cache") or hasattr(value, "get_seq_length")
 
@@ -132,7 +122,7 @@ def capture_block_inputs(model: nn.Module, block: nn.Module, calib_data: Iterabl
             current["mask"] = _token_mask(sample)
             before = len(captured)
             try:
-                _run(model, sample)
+                run_model(model, sample)
             except _Captured:
                 pass
             except QuantwiseError:
