@@ -18,6 +18,7 @@ def test_cli_qat_reports_and_saves_a_loadable_model(tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["metric"] == "top1" and report["steps"] > 0 and len(report["losses"]) == 1
     assert report["qat"] >= report["fp32"] - 0.02
+    assert report["bn_frozen_at_step"] == round(report["steps"] * qatjob.RECIPES["digits"]["freeze_bn_at"])
     qmodel = quantwise.load(out)
     x, y = digits_data("test")
     with torch.no_grad():
@@ -27,7 +28,8 @@ def test_cli_qat_reports_and_saves_a_loadable_model(tmp_path, capsys):
 
 
 def test_resume_continues_exactly(tmp_path, monkeypatch):
-    run = dict(epochs=2, progress=False, limit_batches=6)
+    # 12 steps; BatchNorm statistics frozen at step 3, inside the epoch before the interruption
+    run = dict(epochs=2, progress=False, limit_batches=6, freeze_bn_at=0.25)
     full = qatjob.run_qat_job("digits", "w4a4", tmp_path / "full", **run)
 
     real_save = qatjob._save_checkpoint
@@ -43,6 +45,7 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
     monkeypatch.setattr(qatjob, "_save_checkpoint", real_save)
     resumed = qatjob.run_qat_job("digits", "w4a4", tmp_path / "cut", resume=True, **run)
     assert resumed.resumed_from == 1
+    assert full.bn_frozen_at_step == resumed.bn_frozen_at_step == 3
     assert resumed.losses == full.losses and resumed.qat == full.qat
     x, _ = digits_data("test")
     a, b = quantwise.load(full.out), quantwise.load(resumed.out)

@@ -137,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=int, help="epochs (default: the model's recipe)")
     t.add_argument("--lr", type=float, help="initial learning rate (default: the model's recipe)")
     t.add_argument("--batch-size", type=int, help="batch size (default: the model's recipe)")
+    t.add_argument("--freeze-bn-at", type=float, metavar="FRACTION",
+                   help="freeze the BatchNorm statistics after this fraction of the steps; 0: folded "
+                        "and frozen from the start (default: the model's recipe, 0.5 for digits)")
     t.add_argument("--out", help="output folder (default: quantwise-out/MODEL-CONFIG-qat)")
     t.add_argument("--resume", action="store_true", help="continue from OUT/qat-checkpoint")
     t.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
@@ -216,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
 
                 report = run_qat_job(args.model, args.config, args.out, args.epochs, args.lr,
                                      args.batch_size, args.resume, args.overwrite,
-                                     progress=not (args.quiet or args.json), log=log)
+                                     progress=not (args.quiet or args.json), log=log,
+                                     freeze_bn_at=args.freeze_bn_at)
             elif args.command == "export":
                 report = run_export_job(args.folder, args.out, args.model, args.data, args.max_rel_err,
                                         args.batches, not args.no_per_layer, args.overwrite, args.opset,

@@ -59,21 +59,43 @@ def _pairs_from_sequential(model: nn.Module) -> list[tuple[str, str]]:
     return pairs
 
 
+def foldable(bn: nn.Module) -> bool:
+    """A BatchNorm with running statistics (one that uses batch statistics at inference has
+    nothing fixed to fold)."""
+    return bool(bn.track_running_stats) and bn.running_var is not None
+
+
+def bn_factor(bn: nn.Module) -> torch.Tensor:
+    """gamma / sqrt(running_var + eps) per channel, float64: what a fold scales the weight by."""
+    inv_std = torch.rsqrt(bn.running_var.double() + bn.eps)
+    return bn.weight.double() * inv_std if bn.affine else inv_std
+
+
+def folded_conv_bn(weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.Module
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W', b') of one conv + eval-mode BatchNorm pair, computed in float64 and returned in
+    the weight's dtype. Differentiable in weight, bias, gamma and beta (QAT trains through it)."""
+    factor = bn_factor(bn)
+    beta = bn.bias.double() if bn.affine else torch.zeros_like(factor)
+    folded_weight = weight.double() * factor.reshape((-1,) + (1,) * (weight.dim() - 1))
+    bias = bias.double() if bias is not None else torch.zeros_like(factor)
+    folded_bias = (bias - bn.running_mean.double()) * factor + beta
+    return folded_weight.to(weight.dtype), folded_bias.to(weight.dtype)
+
+
 @torch.no_grad()
+def fold_into_conv(conv: nn.Module, bn: nn.Module) -> None:
+    """Give `conv` the weight and bias of conv + `bn` (eval mode), as new Parameters."""
+    weight, bias = folded_conv_bn(conv.weight, conv.bias, bn)
+    conv.weight = nn.Parameter(weight, requires_grad=conv.weight.requires_grad)
+    conv.bias = nn.Parameter(bias)
+
+
 def fold_conv_bn(model: nn.Module, pairs: list[tuple[str, str]]) -> None:
     """Fold each pair in place: the conv takes the BatchNorm's affine map, the BN becomes Identity."""
     for conv_name, bn_name in pairs:
         conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
-        if not bn.track_running_stats or bn.running_var is None:
+        if not foldable(bn):
             continue  # batch statistics at inference: nothing fixed to fold
-        inv_std = torch.rsqrt(bn.running_var.double() + bn.eps)
-        gamma = bn.weight.double() if bn.affine else torch.ones_like(inv_std)
-        beta = bn.bias.double() if bn.affine else torch.zeros_like(inv_std)
-        factor = gamma * inv_std
-        shape = (-1,) + (1,) * (conv.weight.dim() - 1)
-        weight = conv.weight.double() * factor.reshape(shape)
-        bias = conv.bias.double() if conv.bias is not None else torch.zeros_like(inv_std)
-        bias = (bias - bn.running_mean.double()) * factor + beta
-        conv.weight = nn.Parameter(weight.to(conv.weight.dtype), requires_grad=conv.weight.requires_grad)
-        conv.bias = nn.Parameter(bias.to(conv.weight.dtype))
+        fold_into_conv(conv, bn)
         model.set_submodule(bn_name, nn.Identity())

@@ -9,7 +9,7 @@ same real-kernel model as post-training quantization at the end.
 
 prepare_qat = [the config's method, e.g. GPTQ, on a copy] + prepare (deep copy, Conv+BatchNorm
 folded with the running statistics) + calibrate (initial ranges) + every ObservedLayer replaced
-by a QATLayer:
+by a QATLayer (a folded conv's QATLayer takes its BatchNorm back: see below):
 
 - weights: fake-quantized with a learnable scale per channel / group (LSQ, Esser et al. 2020),
   initialised from the round-to-nearest max range, or from the method's scales ("w4-gptq":
@@ -25,8 +25,23 @@ convert() then quantizes each weight with its learned scale and each static inpu
 learned range, so the converted model computes what the QAT forward simulated (within one
 quantization step: float summation order differs).
 
-BatchNorm is folded at prepare with its running statistics, i.e. frozen from the start of
-fine-tuning (the "freeze late" schedule of Krishnamoorthi 2018 is not implemented).
+BatchNorm (Krishnamoorthi 2018, section 3.2: folded for training, statistics frozen late). In
+the model tree each folded BatchNorm is nn.Identity, as after a PTQ fold; its conv's QATLayer
+holds it (`.bn`) and the unfolded conv. The weight is folded with the running statistics,
+W * gamma / sqrt(running_var + eps), and fake-quantized (its LSQ scale starts from the folded
+weight's range). By default (`freeze_bn_after=None`) the BatchNorm is live: in training the
+conv output is divided back by gamma / sqrt(running_var + eps), gets the conv bias, and goes
+through the BatchNorm with batch statistics, which updates the running ones. `freeze_bn(model)`,
+or `freeze_bn_after=N` training calls of each layer, switches to the running statistics (no more
+updates; gamma and beta still train); in eval mode, frozen, or with the BatchNorm module itself
+in eval mode, the layer computes the folded conv that convert() runs. `freeze_bn_after=0` folds
+at prepare as PTQ does (frozen from the start: no BatchNorm parameters left). convert() folds
+each BatchNorm for real.
+
+Freezing late is better on digits w4a4 (`quantwise qat digits`, fp32 top-1 0.9972): frozen
+half-way (`--freeze-bn-at 0.5`, the recipe's default), mean top-1 over 10 seeds 0.9947, 9 seeds
+of 10 within 0.5 points of fp32; frozen from the start (`--freeze-bn-at 0`), 0.9928 and 4 of 10.
+Seed 0, the command's default, gives 0.9944 for both.
 """
 
 from __future__ import annotations
@@ -43,6 +58,7 @@ from torch.func import functional_call
 
 from quantwise.config import Config
 from quantwise.errors import ConfigError
+from quantwise.fold import bn_factor, fold_into_conv, folded_conv_bn
 from quantwise.modules import ObservedLayer
 from quantwise.modules.layers import float_weight, is_hf_conv1d, weight_spec_for
 from quantwise.numerics import TINY, qparams_from_range, tensor_range
@@ -88,7 +104,8 @@ class _LearnedRange:
 class QATLayer(ObservedLayer):
     """A layer trained with fake-quantized weight and input (see the module docstring)."""
 
-    def __init__(self, obs: ObservedLayer, act_range: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+    def __init__(self, obs: ObservedLayer, act_range: tuple[torch.Tensor, torch.Tensor] | None,
+                 live_bn: tuple | None = None, freeze_bn_after: int | None = None) -> None:
         super().__init__(obs.module, obs.qname, obs.layer_config, obs.origin)
         self.mode = "qat"
         self.calls = max(obs.calls, 1)
@@ -108,10 +125,16 @@ class QATLayer(ObservedLayer):
             a_scale, a_zp = qparams_from_range(*act_range, self.act_spec)
             self.act_scale = nn.Parameter(a_scale.clone().reshape(()))
             self.register_buffer("act_zero_point", a_zp.float().reshape(()))
+        self.bn: nn.Module | None = None
+        if live_bn is not None:  # (unfolded weight, bias, BatchNorm) from prepare(keep_bn=...)
+            self.module.weight, self.module.bias, self.bn = live_bn
+            self.freeze_bn_after = freeze_bn_after
+            self.register_buffer("bn_calls", torch.zeros((), dtype=torch.long))  # live training calls
+            self.register_buffer("bn_frozen", torch.tensor(False))
 
     # -- forward -------------------------------------------------------------------------------
-    def _qat_weight(self) -> torch.Tensor:
-        spec, w = self.weight_spec, float_weight(self.module)
+    def _qat_weight(self, w: torch.Tensor | None = None) -> torch.Tensor:
+        spec, w = self.weight_spec, float_weight(self.module) if w is None else w
         qmin, qmax = spec.qmin, spec.qmax
         g = 1.0 / math.sqrt(w.numel() * max(qmax, 1))
         scale, zp = self.weight_scale.clamp(min=TINY), self.weight_zero_point
@@ -148,12 +171,40 @@ class QATLayer(ObservedLayer):
             return super().forward(x, *args, **kwargs)
         if x.is_floating_point():
             x = self._qat_input(x)
+        if self.bn is not None:
+            return self._conv_bn_forward(x)
         return functional_call(self.module, {"weight": self._qat_weight()}, (x, *args), kwargs)
+
+    def _conv_bn_forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv, bn = self.module, self.bn
+        live = self.training and bn.training and not bool(self.bn_frozen)
+        if live and self.freeze_bn_after is not None and int(self.bn_calls) >= self.freeze_bn_after:
+            self.freeze_bn()
+            live = False
+        weight, bias = folded_conv_bn(conv.weight, conv.bias, bn)  # running statistics
+        weight = self._qat_weight(weight)
+        if not live:  # the folded conv, as convert() will run it
+            return conv._conv_forward(x, weight, bias)
+        self.bn_calls += 1
+        y = conv._conv_forward(x, weight, None)
+        shape = (1, -1) + (1,) * (y.dim() - 2)
+        y = y / bn_factor(bn).to(y.dtype).reshape(shape)  # unfold: conv(x, fq(W)) approximately
+        if conv.bias is not None:
+            y = y + conv.bias.reshape(shape)
+        return bn(y)  # batch statistics; updates the running ones
+
+    def freeze_bn(self) -> None:
+        """From now on the BatchNorm uses (and keeps) its running statistics."""
+        if self.bn is not None:
+            self.bn_frozen.fill_(True)
 
     # -- convert -------------------------------------------------------------------------------
     def freeze(self) -> None:
         """Hand the learned scales to convert(): the weight's as precomputed qparams, the
-        input's as a fixed calibrated range."""
+        input's as a fixed calibrated range. A live BatchNorm is folded in for real."""
+        if self.bn is not None:
+            fold_into_conv(self.module, self.bn)
+            self.bn = None
         with torch.no_grad():
             setattr(self.module, PRECOMPUTED_ATTR, (self.weight_scale.detach().clamp(min=TINY).clone(),
                                                     self.weight_zero_point.round().to(torch.int32)))
@@ -167,20 +218,26 @@ class QATLayer(ObservedLayer):
 
 
 def prepare_qat(model: nn.Module, config: "Config | str" = "w4a8", calib_data: Iterable[Any] | None = None,
-                *, progress: bool = True, source: str | None = None) -> nn.Module:
+                *, progress: bool = True, source: str | None = None,
+                freeze_bn_after: int | None = None) -> nn.Module:
     """A deep copy of `model` ready for quantization-aware training (train mode; see module
     docstring). `calib_data` initialises the activation ranges; without it, static
-    activations are calibrated on the first batch the model sees."""
+    activations are calibrated on the first batch the model sees. Folded BatchNorms stay live
+    (batch statistics in training) until `freeze_bn(model)` or, given `freeze_bn_after=N`,
+    after N training-mode calls of each conv; `freeze_bn_after=0`: frozen from the start."""
     config = Config.resolve(config)
+    if freeze_bn_after is not None and freeze_bn_after < 0:
+        raise ConfigError(f"freeze_bn_after counts training calls: 0 or more, not {freeze_bn_after}")
+    keep_bn: dict | None = None if freeze_bn_after == 0 else {}
     if config.method is not None:  # e.g. "w4-gptq": QAT starts from GPTQ's weights and scales
         if calib_data is None:
             raise ConfigError(f"method {config.method!r} needs calib_data")
         calib_data = list(calib_data)
         model = copy.deepcopy(model)
         apply_method(model, config, calib_data, progress=progress)
-        prepared = prepare(model, config, source=source, inplace=True)
+        prepared = prepare(model, config, source=source, inplace=True, keep_bn=keep_bn)
     else:
-        prepared = prepare(model, config, source=source)
+        prepared = prepare(model, config, source=source, keep_bn=keep_bn)
     state = get_state(prepared)
     needs_ranges = any(o.calibrator is not None for o in observed_layers(prepared))
     if calib_data is not None:
@@ -190,13 +247,23 @@ def prepare_qat(model: nn.Module, config: "Config | str" = "w4a8", calib_data: I
                           "(a few batches of model inputs), or use a preset with dynamic activations")
     for obs in observed_layers(prepared):
         act_range = obs.calibrator.compute_range() if obs.calibrator is not None and obs.calls else None
-        prepared.set_submodule(obs.qname, QATLayer(obs, act_range))
+        live_bn = keep_bn.get(obs.qname) if keep_bn else None
+        prepared.set_submodule(obs.qname, QATLayer(obs, act_range, live_bn, freeze_bn_after))
     state.stage = "qat"
     return prepared.train()
 
 
 def qat_layers(model: nn.Module) -> list[QATLayer]:
     return [m for m in model.modules() if isinstance(m, QATLayer)]
+
+
+def freeze_bn(model: nn.Module) -> int:
+    """Freeze the BatchNorm statistics of a prepare_qat model (see module docstring): each live
+    BatchNorm uses its running statistics from now on. Returns how many there are."""
+    layers = [m for m in qat_layers(model) if m.bn is not None]
+    for layer in layers:
+        layer.freeze_bn()
+    return len(layers)
 
 
 def distill_loss(student: Any, teacher: Any, kind: str = "kl", temperature: float = 1.0) -> torch.Tensor:
@@ -232,4 +299,4 @@ def _tensor(out: Any) -> torch.Tensor:
     raise ConfigError(f"cannot find an output tensor in {type(out).__name__}")
 
 
-__all__ = ["prepare_qat", "QATLayer", "distill_loss", "lsq_fake_quantize", "qat_layers"]
+__all__ = ["prepare_qat", "QATLayer", "distill_loss", "freeze_bn", "lsq_fake_quantize", "qat_layers"]

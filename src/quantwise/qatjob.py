@@ -2,7 +2,8 @@
 
 Recipe (../shared/docs/algorithms.md, NVIDIA's QAT guide): about 10% of the original training
 schedule, the learning rate starting at ~1% of the original one and decaying by a half cosine,
-BatchNorm folded and frozen, distillation from the fp32 model. Per built-in model:
+BatchNorm folded for training and its statistics frozen late (at `freeze_bn_at` of the steps;
+qat.py), distillation from the fp32 model. Per built-in model:
 
 | model  | data                              | loss                                        |
 |--------|-----------------------------------|---------------------------------------------|
@@ -37,13 +38,15 @@ from quantwise.fileio import atomic_write_text
 from quantwise.io import check_output_dir, save
 from quantwise.job import eval_batches
 from quantwise.models.registry import load_model
-from quantwise.qat import distill_loss, prepare_qat
+from quantwise.qat import distill_loss, freeze_bn, prepare_qat
+from quantwise.state import get_state
 from quantwise.workflow import quantize
 
 CHECKPOINT = "qat-checkpoint"
-RECIPES = {  # original lr (scripts/train_digits.py; MiniLM's pre-training), epochs, batch size
-    "digits": {"lr": 2e-3 * 0.05, "epochs": 4, "batch_size": 64},
-    "minilm": {"lr": 2e-5, "epochs": 2, "batch_size": 32},
+RECIPES = {  # original lr (scripts/train_digits.py; MiniLM's pre-training), epochs, batch size,
+    # when the BatchNorm statistics freeze (fraction of the steps; 0: folded from the start)
+    "digits": {"lr": 2e-3 * 0.05, "epochs": 4, "batch_size": 64, "freeze_bn_at": 0.5},
+    "minilm": {"lr": 2e-5, "epochs": 2, "batch_size": 32, "freeze_bn_at": 0.5},  # has no BatchNorm
 }
 
 
@@ -60,6 +63,7 @@ class QatReport:
     steps: int
     losses: list[float] = field(default_factory=list)  # mean loss per epoch
     resumed_from: int = 0
+    bn_frozen_at_step: int | None = None  # BatchNorm statistics frozen (0: from the start); None: no BN
 
     def to_dict(self) -> dict[str, Any]:
         return {**{k: v for k, v in self.__dict__.items() if k != "out"}, "out": str(self.out)}
@@ -67,7 +71,12 @@ class QatReport:
     def __str__(self) -> str:
         return (f"{self.model} {self.config}: {self.metric} fp32 {self.fp32:.4f}, PTQ {self.ptq:.4f}, "
                 f"QAT {self.qat:.4f} after {self.epochs} epochs ({self.steps} steps; loss per epoch "
-                f"{', '.join(f'{x:.4f}' for x in self.losses)}); saved to {self.out}")
+                f"{', '.join(f'{x:.4f}' for x in self.losses)}{self._bn()}); saved to {self.out}")
+
+    def _bn(self) -> str:
+        if self.bn_frozen_at_step is None:
+            return ""
+        return f"; BatchNorm statistics frozen at step {self.bn_frozen_at_step}"
 
 
 def _training_data(name: str, batch_size: int) -> tuple[list[Any], Callable]:
@@ -106,11 +115,15 @@ def run_qat_job(model_ref: str = "digits", config: str = "w4a4", out: str | Path
                 epochs: int | None = None, lr: float | None = None, batch_size: int | None = None,
                 resume: bool = False, overwrite: bool = False, seed: int = 0, progress: bool = True,
                 log: Callable[[str], None] = lambda _: None,
-                limit_batches: int | None = None) -> QatReport:
+                limit_batches: int | None = None, freeze_bn_at: float | None = None) -> QatReport:
     """See the module docstring; `limit_batches` trains on the first N batches only (smoke tests)."""
     cfg = Config.resolve(config)
-    recipe = {**RECIPES.get(model_ref, {}), **{k: v for k, v in (("epochs", epochs), ("lr", lr),
-                                                                 ("batch_size", batch_size)) if v}}
+    recipe = {**RECIPES.get(model_ref, {}),
+              **{k: v for k, v in (("epochs", epochs), ("lr", lr), ("batch_size", batch_size)) if v},
+              **({"freeze_bn_at": freeze_bn_at} if freeze_bn_at is not None else {})}
+    if not 0 <= recipe.get("freeze_bn_at", 0) <= 1:
+        raise ConfigError(f"freeze_bn_at is a fraction of the training steps (0 to 1), "
+                          f"not {recipe['freeze_bn_at']}")
     out = Path(out) if out else Path("quantwise-out") / f"{model_ref}-{cfg.name or 'custom'}-qat"
     ckpt = out / CHECKPOINT
     if resume:
@@ -131,9 +144,15 @@ def run_qat_job(model_ref: str = "digits", config: str = "w4a4", out: str | Path
     del ptq
 
     torch.manual_seed(seed)
-    qat = prepare_qat(model, cfg, calib, progress=False, source=model_ref)
-    opt = torch.optim.AdamW(qat.parameters(), lr=recipe["lr"], weight_decay=0.0)
     total = recipe["epochs"] * len(batches)
+    freeze_step = round(recipe["freeze_bn_at"] * total)
+    qat = prepare_qat(model, cfg, calib, progress=False, source=model_ref,
+                      freeze_bn_after=0 if freeze_step == 0 else None)
+    has_bn = bool(get_state(qat).folded)
+    if has_bn:
+        log(f"BatchNorm statistics: frozen at step {freeze_step} of {total}"
+            + (" (folded from the start)" if freeze_step == 0 else ""))
+    opt = torch.optim.AdamW(qat.parameters(), lr=recipe["lr"], weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 * (1 + math.cos(math.pi * t / total)))
     start, losses = 0, []
     if resume:
@@ -151,7 +170,10 @@ def run_qat_job(model_ref: str = "digits", config: str = "w4a4", out: str | Path
         running = 0.0
         bar = tqdm(order.tolist(), desc=f"QAT epoch {epoch + 1}/{recipe['epochs']}",
                    disable=not progress, unit="batch")
-        for i in bar:
+        for k, i in enumerate(bar):
+            if epoch * len(batches) + k == freeze_step and freeze_step > 0 and freeze_bn(qat):
+                with tqdm.external_write_mode():  # a line of its own, not inside the bar
+                    log(f"step {freeze_step}: BatchNorm statistics frozen")
             batch = batches[i]
             with torch.no_grad():
                 teacher = _call(model, _inputs(batch))
@@ -174,7 +196,7 @@ def run_qat_job(model_ref: str = "digits", config: str = "w4a4", out: str | Path
     shutil.rmtree(out, ignore_errors=True)
     staged.rename(out)
     return QatReport(model_ref, cfg.name or "custom", out, metric, fp32_score, ptq_score, qat_score,
-                     recipe["epochs"], total, losses, start)
+                     recipe["epochs"], total, losses, start, freeze_step if has_bn else None)
 
 
 def _save_checkpoint(folder: Path, model: nn.Module, opt: torch.optim.Optimizer, sched: Any,

@@ -23,7 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from quantwise.config import Config
-from quantwise.fold import find_conv_bn_pairs, fold_conv_bn
+from quantwise.fold import find_conv_bn_pairs, fold_conv_bn, foldable
 from quantwise.encoder import apply_encoder_fastpath
 from quantwise.int8graph import apply_int8_graph
 from quantwise.methods import PRECOMPUTED_ATTR, apply_method
@@ -38,13 +38,15 @@ from quantwise.state import LayerRecord, QuantState, get_state, set_state
 
 
 def prepare(model: nn.Module, config: "Config | str", source: str | None = None,
-            inplace: bool = False) -> nn.Module:
+            inplace: bool = False, keep_bn: dict | None = None) -> nn.Module:
     """A deep copy of `model` whose selected layers observe their inputs for calibration
-    (`inplace`: `model` itself, for callers that already hold a private copy)."""
+    (`inplace`: `model` itself, for callers that already hold a private copy). `keep_bn`, a
+    dict, receives conv name -> (unfolded weight, unfolded bias, BatchNorm) for each fold, so
+    QAT can keep training the BatchNorm (qat.py); the model is folded as without it."""
     config = Config.resolve(config)
     prepared = model if inplace else copy.deepcopy(model)
     state = QuantState(config=config, source=source)
-    state.folded = _fold_batchnorms(prepared, config, state)
+    state.folded = _fold_batchnorms(prepared, config, state, keep_bn)
     supported_children: set[str] = set()
     for name, module in list(prepared.named_modules()):
         if not name or any(name.startswith(p + ".") for p in supported_children):
@@ -69,7 +71,8 @@ def prepare(model: nn.Module, config: "Config | str", source: str | None = None,
     return prepared
 
 
-def _fold_batchnorms(model: nn.Module, config: Config, state: QuantState) -> list[tuple[str, str]]:
+def _fold_batchnorms(model: nn.Module, config: Config, state: QuantState,
+                     keep_bn: dict | None = None) -> list[tuple[str, str]]:
     """Fold BatchNorm into each conv that will be quantized; record both sides of each fold."""
     pairs = []
     for conv_name, bn_name in find_conv_bn_pairs(model):
@@ -82,6 +85,8 @@ def _fold_batchnorms(model: nn.Module, config: Config, state: QuantState) -> lis
                                              kernel=f"folded into {conv_name}",
                                              reason=f"BatchNorm folded into {conv_name}'s weights")
         pairs.append((conv_name, bn_name))
+        if keep_bn is not None and foldable(bn):  # the fold gives the conv new Parameters
+            keep_bn[conv_name] = (conv.weight, conv.bias, bn)
     fold_conv_bn(model, pairs)
     return pairs
 
