@@ -57,6 +57,20 @@ def test_graph_matches_the_per_layer_path(resnet, qresnet):
     assert _rel(fused, unfused) < 0.03
 
 
+@pytest.mark.parametrize("size", [(8, 8), (16, 4), (12, 3), (4, 16), (3, 3), (1, 1)])
+def test_small_inputs_match_the_per_layer_path_and_float(resnet, qresnet, size):
+    """Small images drive strided convs to 1x1 outputs and padding past the input: the sizes
+    where oneDNN is routed around (int8_conv._plan), in the fused graph too."""
+    model, _, _ = resnet
+    x = torch.randn(4, 3, *size)
+    per_layer = copy.deepcopy(qresnet)
+    remove_int8_graph(per_layer)
+    with torch.no_grad():
+        ref, fused, unfused = model(x), qresnet(x), per_layer(x)
+    assert _rel(unfused, ref) < 0.1
+    assert _rel(fused, unfused) < 0.05
+
+
 def test_batch_sizes_and_unbatched_inputs(resnet, qresnet):
     model, _, x = resnet
     with torch.no_grad():
@@ -71,18 +85,20 @@ def test_batch_sizes_and_unbatched_inputs(resnet, qresnet):
     assert out.shape == (4, 8, 8)
 
 
-def test_fused_conv_equals_the_quantized_simulation():
-    """uint8 in -> conv (+ReLU, + uint8 residual) -> uint8 out, against float64 math."""
+@pytest.mark.parametrize("stride,size", [(1, (9, 9)), (2, (9, 2)), (2, (2, 2)), (1, (1, 1))])
+def test_fused_conv_equals_the_quantized_simulation(stride, size):
+    """uint8 in -> conv (+ReLU, + uint8 residual) -> uint8 out, against float64 math; also at
+    input sizes routed around oneDNN (1-wide outputs under stride 2, padding past the input)."""
     torch.manual_seed(3)
-    net = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))
+    net = nn.Sequential(nn.Conv2d(8, 8, 3, stride, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))
     q = quantwise.quantize(net, "w8a8", [torch.randn(2, 8, 9, 9)], progress=False)
     layer = q[0]
-    x = torch.randn(2, 8, 9, 9)
+    x = torch.randn(2, 8, *size)
     xs, xzp = layer.input_scale, layer.input_zero_point
     xq = quantize(x, xs, xzp, layer.act_spec).to(torch.uint8).contiguous(memory_format=torch.channels_last)
     w = dequantize(layer.codes().float(), layer.weight_scale.reshape(-1, 1, 1, 1), torch.zeros(()), layer.weight_spec)
     xf = dequantize(xq.float(), xs, xzp, layer.act_spec).double()
-    exact = nn.functional.conv2d(xf, w.double(), layer.bias.double(), padding=1)
+    exact = nn.functional.conv2d(xf, w.double(), layer.bias.double(), stride, padding=1)
     out_q = (0.02, 7)
     acc = torch.randint(0, 256, exact.shape, dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
     acc_q = (0.015, 120)

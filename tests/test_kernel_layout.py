@@ -19,14 +19,41 @@ def test_conv_repacks_once_for_the_first_real_input_size():
     act = StaticAct(0.05, 3, QuantSpec(Format.UINT8, symmetric=False))
     kernel = make_conv_kernel(codes, scale, zp, spec, None, act, stride=1, padding=1, dilation=1,
                               groups=1)
-    assert isinstance(kernel, OneDnnConv) and not kernel._tuned  # the probe did not tune it
+    assert isinstance(kernel, OneDnnConv) and not kernel._variants  # the probe did not tune it
     x = torch.randn(2, 8, 7, 7)
     first = kernel(x)
-    assert kernel._tuned
-    packed = kernel.phases[0]["packed"]
+    (packed,) = [v["packed"] for v in kernel._variants.values()]
     assert torch.equal(kernel(x), first)
     kernel(torch.randn(1, 8, 11, 11))
-    assert kernel.phases[0]["packed"] is packed
+    assert [v["packed"] for v in kernel._variants.values()] == [packed]
+
+
+def test_conv_input_sizes_that_trip_onednn_get_their_own_packing():
+    """Per input size: padding >= the input size is done by hand, and a size-1 output under
+    stride > 1 runs with stride 1, cropped (int8_conv._plan); results match the float conv."""
+    import torch.nn.functional as F
+    torch.manual_seed(1)
+    spec = QuantSpec(Format.INT8, granularity=PerChannel(0))
+    w = torch.randn(6, 3, 3, 3)
+    scale, zp = numerics.qparams_from_range(*numerics.tensor_range(w, spec), spec)
+    codes = numerics.quantize(w, scale, zp, spec)
+    w_hat = numerics.dequantize(codes, scale, zp, spec)
+    act = StaticAct(0.05, 128, QuantSpec(Format.UINT8, symmetric=False))
+    kernel = make_conv_kernel(codes, scale, zp, spec, None, act, stride=2, padding=1, dilation=1,
+                              groups=1)
+    plans = {}
+    for size in [(9, 9), (1, 1), (2, 2), (1, 5), (3, 3)]:
+        x = (torch.randn(2, 3, *size) * 2).clamp(-6, 6)
+        xh = (torch.round(x / 0.05) + 128).clamp(0, 255).sub(128).mul(0.05)
+        ref = F.conv2d(xh, w_hat, None, 2, 1)
+        got = kernel(x)
+        assert got.shape == ref.shape
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-3)
+        plans[size] = kernel._plan(size)
+    assert plans[(9, 9)] == (True, [2, 2], [0, 0])      # oneDNN pads, stride 2
+    assert plans[(1, 1)] == (False, [1, 1], [1, 1])     # padding >= size: by hand; 1x1 out
+    assert plans[(2, 2)] == (True, [1, 1], [0, 0])      # 1x1 out: stride 1, cropped
+    assert plans[(1, 5)] == (False, [1, 2], [1, 1])
 
 
 def test_4_bit_static_activations_run_on_the_8_bit_kernels_exactly():

@@ -12,6 +12,11 @@ Two oneDNN defects found by randomized tests here (torch 2.13, oneDNN 3.12) are 
 - groups with ONE input channel and several output channels (e.g. a grayscale stem) give wrong
   values when an output dimension is 1 under stride > 1; such layers get a second, all-zero-
   weight input channel per group (zero-point codes in the data), which changes no sum.
+On CPUs with AMX (Sapphire Rapids and later) oneDNN takes other code paths, and 3,000 random
+cases there found two more, both depending on the input size, so handled per call (_plan):
+padding >= the input size with oneDNN's padding (crash or wrong values; padded by hand), and
+a size-1 output dimension under stride > 1 on any channel count (wrong values; that dimension
+runs with stride 1 and is cropped). 3,000 further random cases: 0 wrong, 0 crashes.
 
 ConvTranspose: torch exposes oneDNN's int8 deconvolution only as `quantized::conv_transpose2d`,
 which requantizes its output to uint8 and so cannot match the simulation. A transposed conv with
@@ -86,15 +91,15 @@ class OneDnnConv:
             op_pad = [0] * self.dim if op_pad is None else list(op_pad)
             return torch.ops.onednn.qconv_prepack(w.contiguous(), self.w_scale, xs, xzp,
                                                   list(stride), op_pad, list(dil), g, x_shape)
-        self._prepack, self._codes, self._tuned = prepack, codes, geom.transposed
+        self._prepack, self._codes, self._probing = prepack, codes, False
         # oneDNN pads correctly only within the kernel's reach (module docstring)
         native = not geom.transposed and self.dim == 2 and all(
             p <= d * (k - 1) for p, d, k in zip(padding, geom.dilation, self.kernel_size))
-        if not geom.transposed:
-            op_pad = list(padding) if native else [0] * self.dim
-            self.phases = [{"packed": prepack(codes, geom.stride, geom.dilation, op_pad),
-                            "pad": [0] * self.dim if native else padding, "op_pad": op_pad,
-                            "stride": list(geom.stride), "dil": list(geom.dilation)}]
+        self.native = native
+        self._variants: dict[tuple, dict] = {}  # direct convs: (native, stride) -> tuned phase
+        if not geom.transposed:  # packed per input size on first use (_plan, _phase)
+            self.phases = []
+            self.in_pad = [0] * self.dim if native else list(padding)
             kind = f"conv{self.dim}d" + (", oneDNN padding" if native and any(padding) else "")
         else:
             plans = [_phase_plan(*a) for a in zip(self.kernel_size, geom.stride, geom.dilation,
@@ -112,33 +117,64 @@ class OneDnnConv:
                                  packed=prepack(sub, [1] * self.dim, dil))
                 self.phases.append(phase)
             kind = f"transposed conv{self.dim}d as {len(self.phases)} sub-pixel phase convs"
-        live = [ph["pad"] for ph in self.phases if ph["packed"] is not None]
-        self.in_pad = [max([p[i] for p in live] or [0]) for i in range(self.dim)]
+            live = [ph["pad"] for ph in self.phases if ph["packed"] is not None]
+            self.in_pad = [max([p[i] for p in live] or [0]) for i in range(self.dim)]
         per = "static per-tensor" if self.static else "dynamic per-tensor int8"
         self.name = (f"{weight_label} weights x uint8 activations -> int32, oneDNN "
                      f"{_OPS[self.dim]} ({kind}; prepacked; rescale+bias fused; {per} activations)")
         self.fallback_reason = None
 
-    def _tune(self, shape) -> None:
-        """Repack once for the first real input size. oneDNN chooses the weight layout for the
-        input shape it is told at prepack; without one it chose a layout that ran ResNet-18's
-        7x7x512 convs 1.8x slower (3.2 vs 1.8 ms at batch 8, and 0.45 vs 0.26 ms at batch 1,
-        measured). Batch 1 of the same spatial size packs as well for any batch."""
-        self._tuned = True
-        phase = self.phases[0]
-        phase["packed"] = self._prepack(self._codes, phase["stride"], phase["dil"],
-                                        phase["op_pad"], [1, *shape[1:]])
+    def _plan(self, sizes) -> tuple[bool, list[int], list[int]]:
+        """For a direct conv on inputs of spatial `sizes`: (oneDNN pads?, stride, by-hand
+        padding of the buffer). Two more oneDNN defects (found on AMX CPUs by randomized tests)
+        depend on the input size, so they are routed around here, per call:
+        - padding >= the input size in a dimension crashed or gave wrong values with oneDNN's
+          own padding: such inputs are padded by hand;
+        - an output dimension of size 1 under stride > 1 gave wrong values (the 1-input-channel
+          case of the module docstring, on any channel count there): a size-1 output reads
+          only the first window, so that dimension runs with stride 1 and is cropped to 1."""
+        g = self.geom
+        native = self.native and all(p < n for p, n in zip(self.padding, sizes))
+        outs = [(n + 2 * p - d * (k - 1) - 1) // s + 1 for n, p, d, k, s in
+                zip(sizes, self.padding, g.dilation, self.kernel_size, g.stride)]
+        stride = [1 if o == 1 else s for o, s in zip(outs, g.stride)]
+        return native, stride, [0] * self.dim if native else list(self.padding)
+
+    def _phase(self, native: bool, stride: list[int], buf_shape) -> dict:
+        """The prepacked weights for this (padding mode, stride), packed once for the first real
+        input size. oneDNN chooses the weight layout for the input shape it is told at prepack;
+        without one it chose a layout that ran ResNet-18's 7x7x512 convs 1.8x slower (3.2 vs
+        1.8 ms at batch 8, and 0.45 vs 0.26 ms at batch 1, measured). Batch 1 of the same
+        spatial size packs as well for any batch."""
+        key = (native, tuple(stride))
+        phase = self._variants.get(key)
+        if phase is None:
+            op_pad = list(self.padding) if native else [0] * self.dim
+            shape = [1, *buf_shape[1:]] if not self._probing else None
+            phase = {"packed": self._prepack(self._codes, stride, self.geom.dilation, op_pad, shape),
+                     "pad": [0] * self.dim if native else list(self.padding), "op_pad": op_pad,
+                     "stride": stride,
+                     "dil": list(self.geom.dilation)}
+            if not self._probing:  # a probe's dummy shape must not choose the layout
+                self._variants[key] = phase
+        return phase
+
+    def _crop(self, y: torch.Tensor, stride: list[int]) -> torch.Tensor:
+        if stride == list(self.geom.stride):
+            return y
+        return y[(slice(None), slice(None),
+                  *[slice(0, 1) if a != b else slice(None) for a, b in zip(stride, self.geom.stride)])]
 
     def probe(self, x: torch.Tensor) -> torch.Tensor:
         """Run once without tuning the weight layout to x (a construction-time check)."""
-        tuned, self._tuned = self._tuned, True
+        self._probing = True
         try:
             return self(x)
         finally:
-            self._tuned = tuned
+            self._probing = False
 
-    def _input(self, x: torch.Tensor):
-        """uint8 codes of x in a zero-point-filled, padded (and maybe widened) buffer."""
+    def _input(self, x: torch.Tensor, in_pad: list[int]):
+        """uint8 codes of x in a zero-point-filled, padded (`in_pad`; maybe widened) buffer."""
         bad = None
         if self.static:
             t = self.quant.shifted_codes(x)  # codes - 128
@@ -149,19 +185,19 @@ class OneDnnConv:
             xs, xzp = float(s), 128
         b, c, sizes = t.shape[0], t.shape[1], t.shape[2:]
         fmt = torch.channels_last if self.dim == 2 else torch.contiguous_format
-        shape = (b, 2 * c if self.widen else c, *[n + 2 * p for n, p in zip(sizes, self.in_pad)])
+        shape = (b, 2 * c if self.widen else c, *[n + 2 * p for n, p in zip(sizes, in_pad)])
         buf = torch.empty(shape, dtype=torch.int8, memory_format=fmt)
-        if any(self.in_pad) or self.widen:
+        if any(in_pad) or self.widen:
             buf.fill_(xzp - 128)
         inner = (slice(None), slice(0, None, 2) if self.widen else slice(None),
-                 *[slice(p, p + n) for n, p in zip(sizes, self.in_pad)])
+                 *[slice(p, p + n) for n, p in zip(sizes, in_pad)])
         buf[inner] = t  # int8 conversion, layout change and placement in one pass
         # int8 -> uint8 (+128) is a bit flip (base.u8_from_shifted): float -> int8 is vectorised
         return buf.view(torch.uint8).bitwise_xor_(128), xs, xzp, sizes, bad
 
-    def _conv(self, buf, xs, xzp, phase, sizes):
+    def _conv(self, buf, xs, xzp, phase, sizes, in_pad):
         view = (slice(None), slice(None),
-                *[slice(m - p, m + p + n) for m, p, n in zip(self.in_pad, phase["pad"], sizes)])
+                *[slice(m - p, m + p + n) for m, p, n in zip(in_pad, phase["pad"], sizes)])
         return self.op(buf[view], xs, xzp, phase["packed"], self.w_scale, self.w_zero_point,
                        self.bias, phase["stride"], phase.get("op_pad", [0] * self.dim), phase["dil"],
                        self.geom.groups,
@@ -183,7 +219,7 @@ class OneDnnConv:
             if phase["packed"] is None:  # no tap lands on this phase: bias only
                 y[dst] = 0.0 if self.bias is None else self.bias.reshape(-1, *[1] * self.dim)
                 continue
-            z = self._conv(buf, xs, xzp, phase, sizes_in)
+            z = self._conv(buf, xs, xzp, phase, sizes_in, self.in_pad)
             y[dst] = z[(slice(None), slice(None),
                         *[slice(a, a + c) for a, c in zip(phase["start"], counts)])]
         return y
@@ -194,13 +230,14 @@ class OneDnnConv:
         unbatched = x.dim() == self.dim + 1
         if unbatched:
             x = x.unsqueeze(0)
-        buf, xs, xzp, sizes, bad = self._input(x)
         if self.geom.transposed:
+            buf, xs, xzp, sizes, bad = self._input(x, self.in_pad)
             y = self._transposed(buf, xs, xzp, sizes)
         else:
-            if not self._tuned:
-                self._tune(buf.shape)
-            y = self._conv(buf, xs, xzp, self.phases[0], sizes)
+            native, stride, in_pad = self._plan(x.shape[2:])
+            buf, xs, xzp, sizes, bad = self._input(x, in_pad)
+            phase = self._phase(native, stride, buf.shape)
+            y = self._crop(self._conv(buf, xs, xzp, phase, sizes, in_pad), stride)
         if bad is not None:  # samples that held NaN/Inf (dynamic only): NaN out
             y.masked_fill_(bad, float("nan"))
         if x.is_contiguous() and not y.is_contiguous():
@@ -244,16 +281,32 @@ class OneDnnConv:
         qparams), requantized by oneDNN to uint8 with `out_q` = (scale, zero point), or float32
         when `out_q` is None. With uint8 output, `accum` is uint8 with `accum_q` and is
         overwritten with the result (oneDNN's in-place sum); with float output it is float32."""
-        if not self._tuned:
-            self._tune(xq.shape)
-        phase = self.phases[0]
         xs, xzp = self.quant.scale, self.quant.zero_point
+        native, stride, in_pad = self._plan(xq.shape[2:])
+        if any(in_pad):  # padding >= the input size: by hand (see _plan)
+            b, c, sizes = xq.shape[0], xq.shape[1], xq.shape[2:]
+            buf = torch.empty(b, c, *[n + 2 * p for n, p in zip(sizes, in_pad)], dtype=torch.uint8,
+                              memory_format=torch.channels_last).fill_(xzp)
+            buf[(slice(None), slice(None), *[slice(p, p + n) for n, p in zip(sizes, in_pad)])] = xq
+            xq = buf
+        phase = self._phase(native, stride, xq.shape)
+        cropped = stride != list(self.geom.stride)
         os_, ozp, dtype = (1.0, 0, torch.float32) if out_q is None else (out_q[0], out_q[1], None)
         common = (phase["packed"], self.w_scale, self.w_zero_point)
         geo = (phase["stride"], phase["op_pad"], phase["dil"], self.geom.groups)
         attr = "relu" if relu else "none"
         if accum is None:
-            return self.op(xq, xs, xzp, *common, self.bias, *geo, os_, ozp, dtype, attr, [], "")
+            y = self.op(xq, xs, xzp, *common, self.bias, *geo, os_, ozp, dtype, attr, [], "")
+            return self._crop(y, stride).contiguous(memory_format=torch.channels_last) if cropped else y
         a_s, a_zp = (1.0, 0) if out_q is None else accum_q
+        if cropped:  # oneDNN's in-place sum needs the uncropped shape: sum, ReLU, requantize here
+            y = self._crop(self.op(xq, xs, xzp, *common, self.bias, *geo, 1.0, 0, torch.float32,
+                                   "none", [], ""), stride)
+            y = y + (accum if out_q is None else (accum.float() - a_zp) * a_s)
+            if relu:
+                y = y.relu_()
+            if out_q is None:
+                return y
+            return accum.copy_(torch.round(y / os_).add_(ozp).clamp_(0, 255))
         return self.op.binary(xq, xs, xzp, *common, accum, self.bias, *geo, os_, ozp, dtype,
                               a_s, a_zp, "sum", 1.0, attr, [], "")
