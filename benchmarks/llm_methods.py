@@ -6,9 +6,8 @@
 all-MiniLM-L6-v2, int4 weight-only group 128 (every Linear and embedding): mean cosine of the
 sentence embeddings vs fp32 on held-out sentences (corpus_split("heldout"), batches of 32 x 64),
 calibration on the first --calib (256) sentences of corpus_split("calib"). Per config also the
-peak resident memory quantize() adds (RSS sampled every 2 ms, minus the RSS before it), next to
-the model's fp32 size and what the block runner holds by construction (one block's captured
-inputs, the largest Hessian; one is held at a time).
+peak resident memory quantize() adds (RSS sampled every 2 ms, minus the RSS before it; a copy of
+the model included). GPTQ's memory in place is measured by benchmarks/gptq_memory.py.
 
 stdlib-lm (a small byte-level Llama, if its weights exist): held-out perplexity for fp32, w4
 (RTN), w4-gptq, w4-awq, and 3 bits (codes in [-4, 3], int4 storage) with RTN, GPTQ, AWQ.
@@ -18,7 +17,6 @@ Prints a Markdown table and writes JSON (--json).
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import platform
@@ -50,6 +48,9 @@ def _rss() -> int:
 class PeakRSS:
     """Peak RSS above the level at entry, sampled by a thread."""
 
+    def __init__(self, interval: float = 0.002):
+        self.interval = interval
+
     def __enter__(self):
         self.start = _rss()
         self.peak = self.start
@@ -61,7 +62,7 @@ class PeakRSS:
     def _run(self):
         while not self._stop.is_set():
             self.peak = max(self.peak, _rss())
-            time.sleep(0.002)
+            time.sleep(self.interval)
 
     def __exit__(self, *exc):
         self._stop.set()
@@ -115,34 +116,7 @@ def minilm(n_calib: int, n_heldout: int, variants: bool = False) -> dict:
               f"peak RSS +{peak.extra / 2**20:.0f} MiB", flush=True)
         del q
 
-    # quantize(..., inplace=True): the float model is consumed, nothing is copied; what GPTQ
-    # adds on top of the model it is given (a private copy made before measuring)
-    work = copy.deepcopy(model)
-    with PeakRSS() as peak:
-        q, seconds = _quantize(work, "w4-gptq", calib, inplace=True)
-    del work
-    mean, low = cosine(q)
-    rows.append({"config": "w4-gptq (inplace=True)", "cosine_mean": round(mean, 5),
-                 "cosine_min": round(low, 5), "quantize_s": round(seconds, 1),
-                 "peak_extra_rss_bytes": peak.extra})
-    print(f"  minilm w4-gptq inplace: peak RSS +{peak.extra / 2**20:.0f} MiB", flush=True)
-    del q
-
-    # What the block runner holds (by construction: one block's inputs, one group's H at a time)
-    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    hidden = model.encoder.config.hidden_size
-    block_inputs = sum(b["input_ids"].numel() for b in calib) * hidden * 4
-    largest_in = max(m.in_features for n, m in model.named_modules()
-                     if isinstance(m, torch.nn.Linear) and ".layer." in n)
-    gptq_row = next(r for r in rows if r["config"] == "w4-gptq")
-    memory = {"model_fp32_bytes": param_bytes,
-              "quantize_gptq_peak_extra_rss_bytes": gptq_row["peak_extra_rss_bytes"],
-              "quantize_gptq_inplace_peak_extra_rss_bytes": rows[-1]["peak_extra_rss_bytes"],
-              "block_inputs_bytes": block_inputs, "largest_hessian_bytes": largest_in**2 * 8,
-              "calibration_tokens": int(sum(int(b["attention_mask"].sum()) for b in calib))}
-    print(f"  minilm GPTQ memory: {json.dumps(memory)}", flush=True)
-    return {"calib_sentences": len(calib_sents), "heldout_sentences": len(held), "rows": rows,
-            "memory": memory}
+    return {"calib_sentences": len(calib_sents), "heldout_sentences": len(held), "rows": rows}
 
 
 def stdlib_lm(n_calib: int, n_heldout: int) -> dict | None:
@@ -176,17 +150,10 @@ def markdown(result: dict) -> str:
                   f"{m['heldout_sentences']} held-out sentences ({m['calib_sentences']} calibration "
                   "sentences)", "", "| config | mean cosine | min cosine | quantize (s) | peak RSS added |",
                   "|---|---|---|---|---|"]
-        mem = m["memory"]
         mib = lambda b: "-" if b is None else f"{b / 2**20:.1f} MiB"  # noqa: E731
         lines += [f"| {r['config']} | {r['cosine_mean']:.5f} | {r['cosine_min']:.4f} | {r['quantize_s']} "
                   f"| {mib(r['peak_extra_rss_bytes'])} |" for r in m["rows"]]
-        lines += ["", f"GPTQ memory: model fp32 {mib(mem['model_fp32_bytes'])}; peak RSS added by "
-                  f"quantize(model, 'w4-gptq') {mib(mem['quantize_gptq_peak_extra_rss_bytes'])} "
-                  "(one private copy of the model), with inplace=True "
-                  f"{mib(mem['quantize_gptq_inplace_peak_extra_rss_bytes'])}; one block's "
-                  f"captured inputs {mib(mem['block_inputs_bytes'])}; largest Hessian "
-                  f"{mib(mem['largest_hessian_bytes'])} (one held at a time); "
-                  f"{mem['calibration_tokens']} real calibration tokens", ""]
+        lines += ["", "(GPTQ's memory in place, by model depth and allocator: benchmarks/gptq_memory.py)", ""]
     s = result.get("stdlib_lm")
     if s and "rows" in s:
         lines += [f"stdlib-lm held-out perplexity ({s['heldout_windows']} windows of 256 bytes, "

@@ -82,6 +82,35 @@ def test_gptq_beats_rtn_on_correlated_inputs(args):
                                rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_in_place_hessian_gives_the_same_result(act_order):
+    layer, x = _layer(), _correlated_inputs(512, 128)
+    acc = HessianAccumulator(128)
+    acc.add(x)
+    target, w = weight_target(layer, INT4_G32), layer.weight.detach()
+    h = acc.value().clone()
+    copied = gptq_quantize(w, h, target, act_order=act_order)
+    assert torch.equal(h, acc.value())  # not overwritten by default
+    in_place = gptq_quantize(w, h, target, act_order=act_order, overwrite_h=True)
+    for a, b in zip(copied, in_place):
+        assert torch.equal(a, b)
+
+
+def test_gptq_singular_hessian_is_damped_until_it_factorizes():
+    # rank 8 inputs, no damping: H is singular, the retry adds damping to a restored copy
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(256, 8, generator=gen) @ torch.randn(8, 128, generator=gen)
+    acc = HessianAccumulator(128)
+    acc.add(x)
+    layer = _layer()
+    target, w = weight_target(layer, INT4_G32), layer.weight.detach()
+    q, scale, zp = gptq_quantize(w, acc.value(), target, damp=0.0)
+    assert torch.isfinite(q).all()
+    q_rtn = rtn(w, target)[0]
+    err = lambda q: float((x @ (w - q).t()).norm())  # noqa: E731
+    assert err(q) < err(q_rtn)
+
+
 def test_gptq_options_change_the_result():
     base = _errors(INT4_G32)[2]
     assert not torch.equal(base, _errors(INT4_G32, act_order=True)[2])

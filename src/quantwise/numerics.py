@@ -25,19 +25,22 @@ FP32_MAX = torch.finfo(torch.float32).max
 
 
 def tensor_range(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """(min, max) of `x` reduced to the scale shape of `spec`'s granularity, as float64."""
-    x = x.detach().to(torch.float64)
+    """(min, max) of `x` reduced to the scale shape of `spec`'s granularity, as float64.
+    Reduced in x's own dtype (min and max are exact in it): no float64 copy of a large weight."""
+    x = x.detach()
     g = spec.granularity
     if isinstance(g, PerTensor):
-        return x.amin(), x.amax()
-    if isinstance(g, PerChannel):
+        lo, hi = x.amin(), x.amax()
+    elif isinstance(g, PerChannel):
         axis = g.axis % x.dim()
         dims = [d for d in range(x.dim()) if d != axis]
-        return x.amin(dim=dims), x.amax(dim=dims)
-    if isinstance(g, PerToken):
-        return x.amin(dim=-1), x.amax(dim=-1)
-    grouped = _grouped(x, g.size)
-    return grouped.amin(dim=-1), grouped.amax(dim=-1)
+        lo, hi = x.amin(dim=dims), x.amax(dim=dims)
+    elif isinstance(g, PerToken):
+        lo, hi = x.amin(dim=-1), x.amax(dim=-1)
+    else:
+        grouped = _grouped(x, g.size)
+        lo, hi = grouped.amin(dim=-1), grouped.amax(dim=-1)
+    return lo.to(torch.float64), hi.to(torch.float64)
 
 
 def qparams_from_range(amin: torch.Tensor, amax: torch.Tensor, spec: QuantSpec
@@ -115,8 +118,8 @@ def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spe
         return x.to(fmt.storage_dtype)
     s, xg = _broadcast(scale, x, spec)
     z, _ = _broadcast(zero_point, x, spec)
-    q = torch.round(xg.float() / s) + z
-    return q.clamp(spec.qmin, spec.qmax).to(fmt.storage_dtype).reshape(x.shape)
+    q = xg.float() / s  # one float temporary, the rest in place (large weights: embeddings)
+    return q.round_().add_(z).clamp_(spec.qmin, spec.qmax).to(fmt.storage_dtype).reshape(x.shape)
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec: QuantSpec
@@ -144,7 +147,7 @@ def pack_int4(codes: torch.Tensor) -> torch.Tensor:
     `codes` holds int4 values in [-8, 7] (int8) or uint4 in [0, 15] (uint8); an odd last
     dimension is padded with a zero code. Returns uint8 of shape (..., ceil(K / 2)).
     """
-    u = codes.to(torch.int16) & 0xF
+    u = codes.to(torch.int16).bitwise_and_(0xF)
     if u.shape[-1] % 2:
         u = torch.nn.functional.pad(u, (0, 1))
     return (u[..., 0::2] | (u[..., 1::2] << 4)).to(torch.uint8)

@@ -122,14 +122,17 @@ def _gptq_process(targets: dict[str, WeightTarget], args: dict, report: dict):
         by_target: dict[WeightTarget, list[str]] = {}
         for name in names:
             by_target.setdefault(targets[name], []).append(name)
+        last = list(by_target)[-1]
         for target, members in by_target.items():
             ws = [float_weight(bp.linears[n]).detach().float() for n in members]
             w = torch.cat(ws)
             if h is None:
                 deq, scale, zp = rtn(w, target)
             else:
+                # the last user of h may factorize it in place (one H-sized copy less)
                 deq, scale, zp = gptq_quantize(w, h, target, damp=damp, act_order=act_order,
-                                               block_size=block_size, mse=mse)
+                                               block_size=block_size, mse=mse,
+                                               overwrite_h=target is last)
             start = 0
             for name, wi in zip(members, ws):
                 stop = start + wi.shape[0]

@@ -46,7 +46,7 @@ class HessianAccumulator:
         # float32 product of one batch (exact enough: a few thousand terms), float64 running sum
         self.h.mul_(self.n / (self.n + m))
         self.n += m
-        self.h.add_((x.t() @ x).double(), alpha=2.0 / self.n)
+        self.h.add_(x.t() @ x, alpha=2.0 / self.n)  # promoted element by element: no float64 copy
 
     def value(self) -> torch.Tensor:
         if self.h is None:
@@ -55,19 +55,22 @@ class HessianAccumulator:
 
 
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, target: WeightTarget, *, damp: float = 0.01,
-                  act_order: bool = False, block_size: int = 128, mse: bool = False
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  act_order: bool = False, block_size: int = 128, mse: bool = False,
+                  overwrite_h: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """GPTQ of w [out, in] with Hessian h [in, in]. `mse`: each group's range is shrunk to
     minimize sum |w - Q(w)|^2.4 over its weights when its scales are computed (the reference
     quantizer's `mse` option) instead of covering the full range.
 
     Returns (dequantized weight [out, in] float32, scale [out, in // group] float32,
-    zero point [out, in // group] int32): the dequantized weight is (q - zp) * scale exactly."""
+    zero point [out, in // group] int32): the dequantized weight is (q - zp) * scale exactly.
+    `overwrite_h`: use a float64 `h` as the workspace (as LAPACK's overwrite_a) instead of a copy:
+    the caller no longer needs it. Memory: W and a few of its columns, H (a copy unless
+    overwrite_h) factorized in place, a float32 copy of H and of its inverse factor."""
     rows, cols = w.shape
     group = target.group
     n_groups = cols // group
     W = w.detach().to(torch.float32).clone()
-    H = h.detach().to(torch.float64).clone()
+    H = h.detach().to(torch.float64, copy=not overwrite_h)
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
 
@@ -82,13 +85,14 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, target: WeightTarget, *, dam
     perm = torch.argsort(torch.diag(H), descending=True, stable=True) if act_order else None
     if perm is not None:
         W = W[:, perm]
-        H = H[perm][:, perm]
+        H.copy_(H.index_select(0, perm))  # permuted in place: one transient copy at a time
+        H.copy_(H.index_select(1, perm))
     col_group = (perm if perm is not None else torch.arange(cols)) // group  # original group of each column
 
     diag_mean = torch.mean(torch.diag(H))
     H.diagonal().add_(damp * diag_mean if damp > 0 else 0.0)
-    hinv = _inverse_cholesky(H)  # upper triangular U with U^T U = H^-1
-    hinv32 = hinv.to(torch.float32)
+    hinv32 = _inverse_cholesky_(H).to(torch.float32)  # upper triangular U with U^T U = H^-1
+    del H
 
     Q = torch.zeros_like(W)
     for i1 in range(0, cols, block_size):
@@ -123,19 +127,26 @@ def _qparams(w: torch.Tensor, target: WeightTarget, mse: bool):
     return group_qparams(w, target, mse_shrink(w, target) if mse else 1.0)
 
 
-def _inverse_cholesky(H: torch.Tensor) -> torch.Tensor:
-    """Upper Cholesky factor of H^-1 (float64); adds more damping if H is not positive definite."""
-    eye = torch.eye(H.shape[0], dtype=H.dtype)
+def _inverse_cholesky_(H: torch.Tensor) -> torch.Tensor:
+    """Overwrite H (float64) with the upper Cholesky factor U of H^-1 (U^T U = H^-1) and return it.
+
+    Factorization, inverse and second factorization all run in H's own storage (LAPACK works in
+    place), so the only extra memory is a float32 copy of H kept for the rare retry: when H is
+    not positive definite, it is restored from that copy with more damping on its diagonal."""
+    backup = H.to(torch.float32)
+    mean = max(float(torch.mean(torch.diag(H))), 1e-12)
+    info = torch.zeros((), dtype=torch.int32)
     extra = 0.0
-    mean = float(torch.mean(torch.diag(H)))
     for _ in range(8):
-        L, info = torch.linalg.cholesky_ex(H + extra * eye)
+        if extra:
+            H.copy_(backup).diagonal().add_(extra)
+        torch.linalg.cholesky_ex(H, out=(H, info))
         if int(info) == 0:
-            hinv = torch.cholesky_inverse(L)
-            U, info = torch.linalg.cholesky_ex(hinv, upper=True)
+            torch.cholesky_inverse(H, out=H)
+            torch.linalg.cholesky_ex(H, upper=True, out=(H, info))
             if int(info) == 0:
-                return U
-        extra = max(extra * 10, 1e-6 * max(mean, 1e-12)) if extra else 1e-6 * max(mean, 1e-12)
+                return H
+        extra = extra * 10 if extra else 1e-6 * mean
     raise RuntimeError("GPTQ: the Hessian is not positive definite even after extra damping")
 
 

@@ -77,8 +77,8 @@ def group_qparams(w: torch.Tensor, target: WeightTarget, shrink: torch.Tensor | 
     """(scale float32, zero point int32) of each row of `w` [..., k] over its last dim, as
     numerics.qparams_from_range computes them for the target's (possibly narrowed) range;
     `shrink` (broadcast over the rows) scales the range down (clipping)."""
-    w64 = w.detach().to(torch.float64)
-    amin, amax = w64.amin(dim=-1), w64.amax(dim=-1)
+    w = w.detach()  # min/max are exact in the weight's own dtype: no float64 copy of the weight
+    amin, amax = w.amin(dim=-1).to(torch.float64), w.amax(dim=-1).to(torch.float64)
     if not isinstance(shrink, float) or shrink != 1.0:
         shrink = torch.as_tensor(shrink, dtype=torch.float64)
         amin, amax = amin * shrink, amax * shrink
@@ -95,8 +95,8 @@ def group_qparams(w: torch.Tensor, target: WeightTarget, shrink: torch.Tensor | 
 def fake_quant(w: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, target: WeightTarget
                ) -> torch.Tensor:
     """(clamp(round(w / scale) + zp) - zp) * scale in float32; scale/zp broadcast against w."""
-    q = (torch.round(w.float() / scale) + zp).clamp(target.qmin, target.qmax)
-    return (q - zp) * scale
+    q = w.float() / scale  # the only temporary: the rest runs in place on it
+    return q.round_().add_(zp).clamp_(target.qmin, target.qmax).sub_(zp).mul_(scale)
 
 
 def grouped(w: torch.Tensor, group: int) -> torch.Tensor:
