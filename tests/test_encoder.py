@@ -64,6 +64,26 @@ def test_fast_path_matches_the_per_layer_path(qbert, pad):
     assert cos.min() > 0.99
 
 
+@pytest.mark.parametrize("gemm", ["onednn", "int_mm"])
+def test_both_per_token_gemms_agree_fast_and_per_layer(gemm, monkeypatch):
+    """Per-token GEMMs run on oneDNN on AMX CPUs and on torch._int_mm elsewhere (kernels.base.
+    per_token_gemm): both, in the fast path and layer by layer, on any machine."""
+    monkeypatch.setenv("QUANTWISE_INT8_GEMM", gemm)
+    model = _bert()
+    q = quantwise.quantize(model, "w8a8-dynamic", progress=False)
+    kernel = q.encoder.layer[0].attention.self.query.kernel
+    assert ("oneDNN" in kernel.name) == (gemm == "onednn")
+    slow = copy.deepcopy(q)
+    remove_encoder_fastpath(slow)
+    batch = _inputs(pad=True)
+    fast, per_layer, ref = _hidden(q, batch), _hidden(slow, batch), _hidden(model, batch)
+    keep = batch["attention_mask"].bool()
+    assert (fast - per_layer)[keep].abs().max() < 0.02
+    assert torch.nn.functional.cosine_similarity(fast[keep], ref[keep], dim=-1).min() > 0.99
+    again = copy.deepcopy(q)  # the fused Q/K/V weights are repacked in the copy
+    assert torch.equal(_hidden(again, batch), fast)
+
+
 def test_full_attention_masks_and_single_rows(qbert):
     _, q = qbert
     slow = copy.deepcopy(q)

@@ -147,13 +147,16 @@ def test_affine_weights_use_int_mm_with_corrections(wspec, dynamic):
 
 @pytest.mark.parametrize("shape,k,n", [((1,), 37, 5), ((2, 9), 37, 5), ((70,), 384, 96)])
 @pytest.mark.parametrize("gran", [PerToken(), PerTensor()])
-def test_dynamic_linear(shape, k, n, gran):
+@pytest.mark.parametrize("gemm", ["onednn", "int_mm"])  # per-token: AMX CPUs pick oneDNN
+def test_dynamic_linear(shape, k, n, gran, gemm, monkeypatch):
+    monkeypatch.setenv("QUANTWISE_INT8_GEMM", gemm)
     w, x, bias = torch.randn(n, k), torch.randn(*shape, k), torch.randn(n)
     x[..., 0, :3] *= 50  # an outlier
     codes, scale, zp = qweight(w, W8)
     act = DynamicAct(QuantSpec(Format.INT8, symmetric=True, granularity=gran))
     kernel = make_linear_kernel(codes, scale, zp, W8, bias, act)
-    real(kernel, "torch._int_mm" if isinstance(gran, PerToken) else "oneDNN")
+    real(kernel, ("oneDNN" if gemm == "onednn" else "torch._int_mm") if isinstance(gran, PerToken)
+         else "oneDNN")
     assert ("per-token" in kernel.name) == isinstance(gran, PerToken)
     check_linear(kernel, x, codes, scale, zp, W8, bias, act)
 

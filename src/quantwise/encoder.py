@@ -92,6 +92,7 @@ class _Lin:
         kernel = _per_token_kernel(module)
         self.static = kernel is None
         self.smooth = None if smooth is None else smooth.detach().to(torch.float32).contiguous()
+        self.module = None if self.static else module
         if not self.static:
             self.w_t, self.col_scale, self.bias = kernel.w_t, kernel.w_scale, kernel.bias
             self.qmax = kernel.qmax
@@ -113,6 +114,12 @@ class _Lin:
             colsum = codes.sum(dim=1, dtype=torch.int32).to(torch.float64)
             bias = (bias.double() - self.zp * colsum * self.col_scale.double()).float()
         self.bias = bias.contiguous()
+
+    @property
+    def packed(self) -> torch.Tensor | None:
+        """Dynamic on AMX CPUs: the layer kernel's oneDNN weights (int8_linear.IntMMLinear),
+        read through the module, whose copies rebuild their kernel (opaque tensors don't copy)."""
+        return None if self.module is None else getattr(self.module.kernel, "packed", None)
 
     def same_input(self, other: _Lin) -> bool:
         if self.static != other.static:
@@ -215,6 +222,7 @@ class FastBertLayer:
             self.qkv_scale = torch.cat([q.col_scale, k.col_scale, v.col_scale]).contiguous()
             self.qkv_bias = torch.cat([(zeros if x.bias is None else x.bias)
                                        for x in (q, k, v)]).contiguous()
+            self._qkv_packed = None  # built on first use (see qkv_packed)
         self.projs = (q, k, v)
         self.ln1, self.ln2 = parts["ln1"], parts["ln2"]
         self.gelu = _gelu_approximation(parts["act"])
@@ -225,14 +233,35 @@ class FastBertLayer:
         self.onednn_ffn = all(x.static and hasattr(m.kernel, "packed") and m.kernel.static
                               for x, m in ((self.i, self.i_mod), (self.f, self.f_mod)))
 
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_qkv_packed"] = None  # oneDNN's opaque weights cannot be copied: rebuilt on use
+        return state
+
+    @property
+    def qkv_packed(self) -> torch.Tensor | None:
+        """The fused [3N, K] weight packed for oneDNN, when Q/K/V run there (dynamic, AMX)."""
+        if self.qkv.packed is None:
+            return None
+        if self._qkv_packed is None:
+            self._qkv_packed = torch.ops.onednn.qlinear_prepack(self.qkv_t.t().contiguous(), None)
+        return self._qkv_packed
+
     # -- buffers -------------------------------------------------------------------------------
     def _buf(self, key: str, shape: tuple, dtype=torch.float32) -> torch.Tensor:
         # One set per thread, shared by every layer (they run one after another): the memory of
         # one layer's temporaries, allocated once instead of on every call.
-        bufs = _SCRATCH.__dict__.setdefault("bufs", {})
-        t = bufs.get(key)
-        if t is None or t.shape != shape or t.dtype != dtype:
-            t = bufs[key] = torch.empty(shape, dtype=dtype)
+        # Keyed by shape too: Linears of different widths sharing a key (the attention output
+        # and the intermediate both read "h") each keep theirs instead of reallocating (and
+        # page-faulting) a fresh buffer on every call.
+        # Two shapes per key at most, so varying input sizes do not accumulate buffers.
+        mine = _SCRATCH.__dict__.setdefault("bufs", {}).setdefault(key, {})
+        full = (tuple(shape), dtype)
+        t = mine.get(full)
+        if t is None:
+            if len(mine) >= 2:
+                del mine[next(iter(mine))]  # the oldest
+            t = mine[full] = torch.empty(shape, dtype=dtype)
         return t
 
     # -- pieces --------------------------------------------------------------------------------
@@ -258,7 +287,20 @@ class FastBertLayer:
         codes.copy_(t)
         return codes, scale
 
-    def _linear(self, codes, scale, w_t, col_scale, bias, key: str, out=None) -> torch.Tensor:
+    def _linear(self, codes, scale, w_t, col_scale, bias, key: str, out=None, packed=None
+                ) -> torch.Tensor:
+        if packed is not None:  # dynamic on AMX: oneDNN gives acc * col_scale; then rows, bias
+            y = torch.ops.onednn.qlinear_pointwise(
+                codes.view(torch.uint8).bitwise_xor_(128), 1.0, 128, packed, col_scale,
+                self._no_zero_points(col_scale.numel()), None, 1.0, 0, torch.float32, "none", [],
+                "")
+            if out is None:  # y * row scale + bias in one pass
+                return torch.addcmul(bias, y, scale, out=y) if bias is not None else y.mul_(scale)
+            tail = out.shape[2:]
+            if bias is None:
+                bias = torch.zeros_like(col_scale)
+            rows = scale.view(*out.shape[:2], *[1] * len(tail))
+            return torch.addcmul(bias.view(tail), y.view(out.shape), rows, out=out)
         acc = torch._int_mm(codes, w_t, out=self._buf("acc" + key, (codes.shape[0], w_t.shape[1]),
                                                      torch.int32))
         y = acc.view(torch.float32)
@@ -273,9 +315,15 @@ class FastBertLayer:
         torch.addcmul(bias.view(tail), y.view(out.shape), col_scale.view(tail), out=out)
         return out
 
+    def _no_zero_points(self, n: int) -> torch.Tensor:
+        z = self.__dict__.get("_zeros")
+        if z is None or z.numel() < n:
+            z = self._zeros = torch.zeros(n, dtype=torch.int64)
+        return z[:n]
+
     def _run(self, x: torch.Tensor, lin: _Lin, key: str, inplace: bool = False) -> torch.Tensor:
         codes, scale = self._quantize(x, lin, key, inplace)
-        return self._linear(codes, scale, lin.w_t, lin.col_scale, lin.bias, key)
+        return self._linear(codes, scale, lin.w_t, lin.col_scale, lin.bias, key, packed=lin.packed)
 
     def _onednn_ffn(self, h1: torch.Tensor) -> torch.Tensor:
         """f(GELU(i(h1))) + h1 with two oneDNN calls; the sum is written into h1."""
@@ -328,12 +376,12 @@ class FastBertLayer:
         if self.qkv_fused:
             codes, scale = self._quantize(x, self.qkv, "h")
             self._linear(codes, scale, self.qkv_t, self.qkv_scale, self.qkv_bias, "qkv",
-                         out=heads.permute(1, 3, 0, 2, 4))
+                         out=heads.permute(1, 3, 0, 2, 4), packed=self.qkv_packed)
         else:  # Q/K/V quantize their input differently: one quantization and GEMM each
             for j, lin in enumerate(self.projs):
                 codes, scale = self._quantize(x, lin, "h")
                 self._linear(codes, scale, lin.w_t, lin.col_scale, lin.bias, "qkv",
-                             out=heads[j:j + 1].permute(1, 3, 0, 2, 4))
+                             out=heads[j:j + 1].permute(1, 3, 0, 2, 4), packed=lin.packed)
         q, k, v = (heads[j].view(b * nh, t, d) for j in range(3))
         scores = self._buf("scores", (b * nh, t, t))
         if row is not None:

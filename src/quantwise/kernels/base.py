@@ -9,7 +9,9 @@ final rescale (see `tests/test_kernels.py` for the bound that is asserted).
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 from dataclasses import dataclass
 from typing import Optional, Protocol, Union, runtime_checkable
 
@@ -48,6 +50,26 @@ class Kernel(Protocol):
     def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
 
     def nbytes(self) -> int: ...
+
+
+@functools.cache
+def _cpu_has_amx_int8() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and " amx_int8" in line for line in f)
+    except OSError:  # not Linux: assume no AMX (the _int_mm path is correct everywhere)
+        return False
+
+
+def per_token_gemm() -> str:
+    """Which int8 GEMM runs per-token dynamic Linears: "onednn" on CPUs with AMX int8 (oneDNN's
+    qlinear uses the tiles: 1.9-2.1x torch._int_mm at MiniLM's M=2048 shapes on Sapphire Rapids
+    class CPUs, measured), "int_mm" elsewhere (equal at M=2048 and 2x faster at M=1 on AVX-512
+    VNNI CPUs, measured; no second weight copy). QUANTWISE_INT8_GEMM=onednn|int_mm overrides."""
+    forced = os.environ.get("QUANTWISE_INT8_GEMM", "").strip().lower()
+    if forced in ("onednn", "int_mm"):
+        return forced
+    return "onednn" if _cpu_has_amx_int8() else "int_mm"
 
 
 def tensor_bytes(*tensors: Optional[torch.Tensor]) -> int:
