@@ -119,6 +119,17 @@ def test_builtin_registry_data_and_job_eval():
     assert loaded_info == info and type(model).__name__ == "LlamaForCausalLM"
 
 
+def test_planning_metric_treats_perplexity_as_lower_is_better(model):
+    """plan() and sensitivity() maximize their eval_fn: perplexity must enter negated, so that
+    a worse (higher) perplexity is a drop."""
+    from quantwise.job import _metric_fn
+    batches = lm_batches("heldout", 8, batch_size=4)
+    fn = _metric_fn(model, (batches, "perplexity"))
+    assert fn(model) == pytest.approx(-evaluate(model, batches, "perplexity").value, rel=1e-6)
+    w4 = quantwise.quantize(model, "w4", progress=False)
+    assert fn(w4) < fn(model)  # int4 weights: higher perplexity, lower score
+
+
 def test_evaluate_perplexity_skips_padding(model):
     tok = ByteTokenizer()
     batch = tok(["import os\nimport sys\n", "x = 1\n"])

@@ -122,7 +122,8 @@ def run_quantize_job(model_ref: str = DEFAULT_MODEL, config: str = "w8a8", calib
     evals = eval_batches(info, calib_data)
     chosen = None
     if max_drop is not None:
-        log(f"planning per-layer formats: metric {evals[1]} may drop by at most {max_drop}, "
+        change = "rise" if evals[1] == "perplexity" else "drop"  # lower-is-better metric
+        log(f"planning per-layer formats: metric {evals[1]} may {change} by at most {max_drop}, "
             f"objective {objective}")
         kwargs = {} if formats is None else {"formats": formats}
         chosen = plan(model, calib_data, _metric_fn(model, evals), max_drop, objective=objective,
@@ -140,10 +141,13 @@ def run_quantize_job(model_ref: str = DEFAULT_MODEL, config: str = "w8a8", calib
 
 def _metric_fn(model: nn.Module, evals: tuple[list[Any], str], limit: int = 8
                ) -> Callable[[nn.Module], float]:
-    """The model's own metric on its first `limit` evaluation batches (cosine: vs `model`)."""
+    """The model's own metric on its first `limit` evaluation batches (cosine: vs `model`), as
+    plan() and sensitivity() want it: higher is better. Perplexity (lower is better) enters as
+    -perplexity, so max_drop 0.05 lets it rise by 0.05 and "1%" by 1% of the fp32 perplexity."""
     batches, metric = evals[0][:limit], evals[1]
     reference = model if metric == "cosine" else None
-    return lambda candidate: evaluate(candidate, batches, metric, reference=reference).value
+    sign = -1.0 if metric == "perplexity" else 1.0
+    return lambda candidate: sign * evaluate(candidate, batches, metric, reference=reference).value
 
 
 def run_analyze_job(model_ref: str = DEFAULT_MODEL, config: str = "w8a8", calib: str | None = None,
@@ -163,7 +167,8 @@ def run_analyze_job(model_ref: str = DEFAULT_MODEL, config: str = "w8a8", calib:
     eval_fn = _metric_fn(model, (batches, metric))
 
     log(f"analysing {info.name} under {cfg.name}: calibrate once on {len(calib_data)} batches, "
-        f"proxy SQNR on {min(proxy_batches, len(proxy))}, {metric} on {len(batches)} batches")
+        f"proxy SQNR on {min(proxy_batches, len(proxy))}, {metric} on {len(batches)} batches"
+        + (" (eval_fn = -perplexity: higher is better)" if metric == "perplexity" else ""))
     return sensitivity(model, cfg, calib_data, proxy, eval_fn, proxy_batches=proxy_batches,
                        top_k=top_k, progress=progress)
 
