@@ -131,7 +131,7 @@ def layer_counts(rows: list[Any]) -> dict[str, Any]:
 
 
 # Presets that only make sense for some models (SmoothQuant needs transformer layers).
-MODEL_PRESETS = {"minilm": ("w8a8-smoothquant",)}
+MODEL_PRESETS = {"minilm": ("w8a8-smoothquant", "w8a8-dynamic-smoothquant")}
 
 
 def builders(args: argparse.Namespace, model: str = "") -> list[tuple[str, Any]]:

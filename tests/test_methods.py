@@ -270,14 +270,14 @@ def test_block_inputs_skip_padding_tokens():
 
 # -- presets, save / load -------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["w4-gptq", "w4-awq", "w8a8-smoothquant"])
+@pytest.mark.parametrize("name", ["w4-gptq", "w4-awq", "w8a8-smoothquant", "w8a8-dynamic-smoothquant"])
 def test_method_presets_resolve_and_round_trip(tmp_path, name):
     cfg = Config.resolve(name)
     assert cfg.method == name.split("-")[-1]
     assert Config.from_dict(cfg.to_dict()) == cfg
     cfg.save(tmp_path / "c.yaml")
     assert Config.load(tmp_path / "c.yaml") == cfg
-    if name != "w8a8-smoothquant":
+    if "smoothquant" not in name:
         assert cfg.default.weight == Config.preset("w4").default.weight
 
 

@@ -8,7 +8,7 @@ import torch
 import quantwise
 from quantwise.config import Config, Rule
 from quantwise.encoder import FastBertLayer, remove_encoder_fastpath
-from quantwise.methods.smoothquant import ACT_SPEC, WEIGHT_SPEC, find_groups, smooth
+from quantwise.methods.smoothquant import ACT_SPEC, WEIGHT_SPEC, find_groups, group_error, smooth
 from quantwise.numerics import fake_quantize, qparams_from_range, tensor_range
 from quantwise.state import get_state
 
@@ -208,3 +208,33 @@ def test_save_load_keeps_smoothing_and_fast_path(qbert, tmp_path):
     remove_encoder_fastpath(slow_q)
     remove_encoder_fastpath(slow_l)  # the explicit divisions were restored too
     assert torch.equal(_out(slow_l, batch), _out(slow_q, batch))
+
+
+def test_dynamic_smoothquant_preset_beats_plain_dynamic_and_keeps_the_fast_path(tmp_path):
+    """w8a8-dynamic-smoothquant: smoothing scored with per-token inputs, then per-token int8;
+    the encoder fast path divides by s before the per-row scale; save/load replays it."""
+    model, calib = _with_outlier("bert"), _calib("bert")
+    q = quantwise.quantize(model, "w8a8-dynamic-smoothquant", calib, progress=False)
+    plain = quantwise.quantize(model, "w8a8-dynamic", calib, progress=False)
+    assert get_state(q).encoder.layers == ["encoder.layer.0", "encoder.layer.1"]
+    batch = hf_models.example_inputs("bert", 63)
+    keep = batch["attention_mask"].bool()
+    ref = _out(model, batch)
+    err = lambda m: float((_out(m, batch) - ref)[keep].norm() / ref[keep].norm())  # noqa: E731
+    assert err(q) < err(plain), (err(q), err(plain))
+    slow = copy.deepcopy(q)
+    remove_encoder_fastpath(slow)
+    assert float((_out(q, batch) - _out(slow, batch))[keep].abs().max()) < 2e-3
+    quantwise.save(q, tmp_path / "q")
+    assert torch.equal(_out(quantwise.load(tmp_path / "q", model), batch), _out(q, batch))
+
+
+def test_per_token_alpha_scoring_uses_row_scales():
+    torch.manual_seed(0)
+    x = torch.randn(64, 16)
+    x[:4] *= 100.0  # a few loud tokens: per-tensor scales suffer, per-row ones do not
+    w = [torch.randn(8, 16)]
+    amin, amax = x.amin(dim=0), x.amax(dim=0)
+    static = group_error(x, amin, amax, w, None)
+    token = group_error(x, amin, amax, w, None, per_token=True)
+    assert token < static / 4, (token, static)

@@ -343,6 +343,11 @@ PRESETS: dict[str, Config] = {
     "w4-awq": Config(LayerConfig(weight=_W4), name="w4-awq", method="awq"),
     "w8a8-smoothquant": Config(LayerConfig(weight=_W8, activation=_A8_STATIC),
                                name="w8a8-smoothquant", method="smoothquant"),
+    # SmoothQuant before per-token dynamic int8 (alphas scored with per-token inputs)
+    "w8a8-dynamic-smoothquant": Config(LayerConfig(weight=_W8, activation=_A8_TOKEN, dynamic=True),
+                                       rules=[Rule("*", types=("Conv1d", "Conv2d", "ConvTranspose2d"),
+                                                   overrides={"activation": replace(_A8_TOKEN, granularity=PerTensor())})],
+                                       name="w8a8-dynamic-smoothquant", method="smoothquant"),
     "fp16": Config(LayerConfig(weight=QuantSpec("fp16")), name="fp16"),
     "bf16": Config(LayerConfig(weight=QuantSpec("bf16")), name="bf16"),
     # 4-bit weights with 8- or 4-bit static activations: for QAT (quantwise.prepare_qat) and

@@ -58,7 +58,9 @@ def apply_method(model: nn.Module, config: Config, calib_data: Iterable[Any] | N
         from quantwise.methods.smoothquant import smooth  # written separately
         if "alphas" in args:
             args["alphas"] = tuple(args["alphas"])
-        result = smooth(model, list(calib_data), progress=progress, **args)
+        # score alphas with the activations the model will run with (static or per-token)
+        per_token = bool(config.default.dynamic and config.default.activation is not None)
+        result = smooth(model, list(calib_data), progress=progress, per_token=per_token, **args)
         return {"method": method, "smooth": result}
     if method not in WEIGHT_METHODS:
         raise ConfigError(f"unknown method {method!r}")

@@ -32,7 +32,8 @@ division). `restore_prescale` re-installs these forwards on a fresh model (io.lo
 
 Alpha: fixed, or per group the alpha of `alphas` with the lowest output error after fake
 quantization of the group (static per-tensor uint8 input with the min/max range over the
-calibration data, int8 symmetric per-channel weights), measured on a sample of calibration rows.
+calibration data, or per-token dynamic int8 for a dynamic config, "w8a8-dynamic-smoothquant";
+int8 symmetric per-channel weights), measured on a sample of calibration rows.
 """
 
 from __future__ import annotations
@@ -44,10 +45,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from quantwise.numerics import fake_quantize, qparams_from_range, tensor_range
-from quantwise.spec import Format, PerChannel, PerTensor, QuantSpec
+from quantwise.numerics import TINY, fake_quantize, qparams_from_range, tensor_range
+from quantwise.spec import Format, PerChannel, PerTensor, PerToken, QuantSpec
 
 ACT_SPEC = QuantSpec(Format.UINT8, symmetric=False, granularity=PerTensor())
+TOKEN_SPEC = QuantSpec(Format.INT8, symmetric=True, granularity=PerToken())  # per_token=True
 WEIGHT_SPEC = QuantSpec(Format.INT8, symmetric=True, granularity=PerChannel(0))
 SAMPLE_ROWS_PER_BATCH = 128
 SAMPLE_ROWS_MAX = 2048
@@ -304,16 +306,21 @@ def smoothing_scale(xmax: torch.Tensor, wmax: torch.Tensor, alpha: float) -> tor
 
 def group_error(x: torch.Tensor, amin: torch.Tensor, amax: torch.Tensor,
                 weights: list[torch.Tensor], s: torch.Tensor | None,
-                refs: list[torch.Tensor] | None = None) -> float:
+                refs: list[torch.Tensor] | None = None, per_token: bool = False) -> float:
     """Relative output error of the group when its input is X / s (static per-tensor uint8 with
-    the calibration min/max) and its weights are W * s (int8 per-channel), vs float X W^T."""
+    the calibration min/max, or with `per_token` symmetric int8 with one run-time scale per row)
+    and its weights are W * s (int8 per-channel), vs float X W^T."""
     if s is None:
         s = torch.ones(x.shape[1])
     xs = x / s
-    lo = torch.minimum(amin / s, torch.zeros(())).min()  # channel-wise range -> tensor range
-    hi = torch.maximum(amax / s, torch.zeros(())).max()
-    xscale, xzp = qparams_from_range(lo, hi, ACT_SPEC)
-    xq = fake_quantize(xs, xscale, xzp, ACT_SPEC)
+    if per_token:
+        row = (xs.abs().amax(dim=1, keepdim=True) / TOKEN_SPEC.qmax).clamp(min=TINY)
+        xq = torch.round(xs / row).clamp(TOKEN_SPEC.qmin, TOKEN_SPEC.qmax) * row
+    else:
+        lo = torch.minimum(amin / s, torch.zeros(())).min()  # channel-wise range -> tensor range
+        hi = torch.maximum(amax / s, torch.zeros(())).max()
+        xscale, xzp = qparams_from_range(lo, hi, ACT_SPEC)
+        xq = fake_quantize(xs, xscale, xzp, ACT_SPEC)
     num = den = 0.0
     for j, w in enumerate(weights):
         ws = w.float() * s
@@ -326,8 +333,11 @@ def group_error(x: torch.Tensor, amin: torch.Tensor, amax: torch.Tensor,
 
 
 def smooth(model: nn.Module, calib_data, *, alpha: float | None = None,
-           alphas: tuple = (0.5, 0.6, 0.7, 0.8), progress: bool = False) -> SmoothReport:
-    """SmoothQuant `model` in place (see the module docstring); returns what was done."""
+           alphas: tuple = (0.5, 0.6, 0.7, 0.8), progress: bool = False,
+           per_token: bool = False) -> SmoothReport:
+    """SmoothQuant `model` in place (see the module docstring); returns what was done.
+    `per_token`: the alpha search scores each candidate with per-token dynamic int8 inputs (the
+    activations the model will run with) instead of static per-tensor uint8."""
     groups, skipped = find_groups(model)
     report = SmoothReport(skipped=skipped)
     if not groups:
@@ -355,7 +365,7 @@ def smooth(model: nn.Module, calib_data, *, alpha: float | None = None,
             s_r = smoothing_scale(absmax_r, wmax_r, a)
             s = g.expand(s_r) if g.expand is not None else s_r
             scales[a] = (s_r, s)
-            errors[a] = group_error(x, st.amin, st.amax, weights, s, refs)
+            errors[a] = group_error(x, st.amin, st.amax, weights, s, refs, per_token)
         best = min(candidates, key=lambda a: errors[a])
         s_r, s = scales[best]
         g.apply_fold(s_r)
@@ -364,7 +374,7 @@ def smooth(model: nn.Module, calib_data, *, alpha: float | None = None,
                 lin.weight.mul_(s.to(lin.weight.dtype))
         report.groups[g.name] = GroupResult(
             [n for n, _ in g.linears], g.fold_desc, best, errors[best], errors,
-            group_error(x, st.amin, st.amax, weights, None, refs))
+            group_error(x, st.amin, st.amax, weights, None, refs, per_token))
     # report in model order
     order = {g.name: i for i, g in enumerate(groups)}
     report.groups = dict(sorted(report.groups.items(), key=lambda kv: order[kv[0]]))
