@@ -10,13 +10,14 @@ Two oneDNN defects found by randomized tests here (torch 2.13, oneDNN 3.12) are 
   a buffer pre-filled with the input zero point (the code of 0.0, what the float conv pads
   with), which costs one byte-sized fill pass;
 - groups with ONE input channel and several output channels (e.g. a grayscale stem) give wrong
-  values when an output dimension is 1 under stride > 1; such layers get a second, all-zero-
-  weight input channel per group (zero-point codes in the data), which changes no sum.
+  values when an output dimension is 1 under stride > 1.
 On CPUs with AMX (Sapphire Rapids and later) oneDNN takes other code paths, and 3,000 random
 cases there found two more, both depending on the input size, so handled per call (_plan):
 padding >= the input size with oneDNN's padding (crash or wrong values; padded by hand), and
 a size-1 output dimension under stride > 1 on any channel count (wrong values; that dimension
-runs with stride 1 and is cropped). 3,000 further random cases: 0 wrong, 0 crashes.
+runs with stride 1 and is cropped, which also avoids the 1-input-channel defect above: its
+former workaround, a zero-weight second input channel, kept such convs out of the int8 graph).
+3,000 further random cases: 0 wrong, 0 crashes.
 
 ConvTranspose: torch exposes oneDNN's int8 deconvolution only as `quantized::conv_transpose2d`,
 which requantizes its output to uint8 and so cannot match the simulation. A transposed conv with
@@ -83,9 +84,6 @@ class OneDnnConv:
         self.out_channels = codes.shape[0]
         self.w_scale = w_scale.to(torch.float32).contiguous()
         self.w_zero_point = torch.zeros(self.out_channels, dtype=torch.int64)
-        self.widen = codes.shape[1] == 1 and self.out_channels > g  # see module docstring
-        if self.widen:
-            codes = torch.cat([codes, torch.zeros_like(codes)], dim=1)
 
         def prepack(w, stride, dil, op_pad=None, x_shape=None):
             op_pad = [0] * self.dim if op_pad is None else list(op_pad)
@@ -174,7 +172,7 @@ class OneDnnConv:
             self._probing = False
 
     def _input(self, x: torch.Tensor, in_pad: list[int]):
-        """uint8 codes of x in a zero-point-filled, padded (`in_pad`; maybe widened) buffer."""
+        """uint8 codes of x in a zero-point-filled, padded (`in_pad`) buffer."""
         bad = None
         if self.static:
             t = self.quant.shifted_codes(x)  # codes - 128
@@ -185,11 +183,11 @@ class OneDnnConv:
             xs, xzp = float(s), 128
         b, c, sizes = t.shape[0], t.shape[1], t.shape[2:]
         fmt = torch.channels_last if self.dim == 2 else torch.contiguous_format
-        shape = (b, 2 * c if self.widen else c, *[n + 2 * p for n, p in zip(sizes, in_pad)])
+        shape = (b, c, *[n + 2 * p for n, p in zip(sizes, in_pad)])
         buf = torch.empty(shape, dtype=torch.int8, memory_format=fmt)
-        if any(in_pad) or self.widen:
+        if any(in_pad):
             buf.fill_(xzp - 128)
-        inner = (slice(None), slice(0, None, 2) if self.widen else slice(None),
+        inner = (slice(None), slice(None),
                  *[slice(p, p + n) for n, p in zip(sizes, in_pad)])
         buf[inner] = t  # int8 conversion, layout change and placement in one pass
         # int8 -> uint8 (+128) is a bit flip (base.u8_from_shifted): float -> int8 is vectorised
@@ -251,7 +249,7 @@ class OneDnnConv:
     @property
     def fusable(self) -> bool:
         """Whether run_fused applies: a static direct 2-D conv whose padding oneDNN does."""
-        return (self.static and self.dim == 2 and not self.geom.transposed and not self.widen
+        return (self.static and self.dim == 2 and not self.geom.transposed
                 and not any(self.in_pad))
 
     @property
