@@ -147,6 +147,10 @@ def reset_peak() -> bool:
 
 # ---------------------------------------------------------------- timing
 
+MIN_BLOCK_S = 0.1  # a millisecond-scale system runs this long per block, so a block is not
+                   # dominated by the first runs after another system held the cores
+
+
 def time_interleaved(systems: list[System], inputs: list[Any], runs: int, rounds: int,
                      warmup: int, budget_s: float) -> list[dict[str, Any]]:
     """Median latency per system, measured in `rounds` blocks that cycle through the systems.
@@ -155,7 +159,9 @@ def time_interleaved(systems: list[System], inputs: list[Any], runs: int, rounds
     few seconds were seen here) over every system instead of charging it to whichever ran during
     the burst. Within a block the runs are back to back (the steady state a server sees); a short
     sleep between blocks lets the previous system's spinning worker threads (OpenMP, ORT's pool)
-    go idle so they do not steal the two cores from the next one. A system whose runs so far say
+    go idle so they do not steal the two cores from the next one, and each block starts with one
+    untimed run. Millisecond-scale systems run for at least MIN_BLOCK_S per block (more runs
+    than asked: their medians were dominated by the first runs after a switch). A system whose runs so far say
     it would exceed `budget_s` gets fewer runs (at least 3); the count is recorded.
     """
     plans = []
@@ -182,8 +188,12 @@ def time_interleaved(systems: list[System], inputs: list[Any], runs: int, rounds
             est = statistics.median(plan["times"]) if plan["times"] else plan["estimate"]
             target = runs if est * runs <= budget_s else max(3, int(budget_s / est))
             todo = max(0, -(-(target - len(plan["times"])) // (rounds - r)))  # ceil division
+            if todo and est > 0:  # fast systems: fill at least MIN_BLOCK_S per block
+                todo = max(todo, min(int(MIN_BLOCK_S / est), int(budget_s / rounds / est)))
             time.sleep(0.02)
             try:
+                if todo:  # one untimed run: the caches and threads the previous system took
+                    systems[i].run(inputs[i])
                 for _ in range(todo):
                     t0 = time.perf_counter()
                     systems[i].run(inputs[i])
