@@ -55,12 +55,11 @@ def test_prepare_qat_trains_and_leaves_the_model_alone(data):
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
-def test_convert_matches_the_qat_forward_within_one_step(data, tmp_path):
-    model, calib = data
-    torch.manual_seed(1)
-    qat = prepare_qat(model, W4A4, calib, progress=False)
+def distill_steps(qat, model, steps: int, before_step=lambda step: None) -> None:
+    """A few Adam steps of MSE distillation from `model` on random 3x32x32 images."""
     opt = torch.optim.Adam(qat.parameters(), lr=1e-3)
-    for step in range(5):  # move weights and scales away from their initial values
+    for step in range(steps):
+        before_step(step)
         x = torch.randn(4, 3, 32, 32)
         with torch.no_grad():
             target = model(x)
@@ -68,8 +67,12 @@ def test_convert_matches_the_qat_forward_within_one_step(data, tmp_path):
         opt.zero_grad()
         loss.backward()
         opt.step()
+
+
+def convert_and_check(qat, model, x, folder):
+    """convert(qat): real kernels only, outputs within one output quantization step of the QAT
+    model's eval forward, and save/load gives the same outputs. Returns (qmodel, outputs)."""
     qat.eval()
-    x = torch.randn(5, 3, 32, 32)
     with torch.no_grad():
         fake = qat(x)
         fc = qat.fc
@@ -82,9 +85,19 @@ def test_convert_matches_the_qat_forward_within_one_step(data, tmp_path):
     err = (real - fake).abs().max().item()
     assert err <= step, (err, step)
     assert float((real - fake).norm() / fake.norm()) < 0.05
-    out = quantwise.save(qmodel, tmp_path / "qat")
+    out = quantwise.save(qmodel, folder)
     with torch.no_grad():
         assert torch.equal(quantwise.load(out, model=model)(x), real)
+    return qmodel, real
+
+
+def test_convert_matches_the_qat_forward_within_one_step(data, tmp_path):
+    model, calib = data
+    torch.manual_seed(1)
+    qat = prepare_qat(model, W4A4, calib, progress=False)
+    distill_steps(qat, model, 5)  # move weights and scales away from their initial values
+    x = torch.randn(5, 3, 32, 32)
+    qmodel, real = convert_and_check(qat, model, x, tmp_path / "qat")
     # and it exports like any other quantized model
     import onnxruntime as ort
 

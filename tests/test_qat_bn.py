@@ -11,10 +11,10 @@ from torch import nn
 
 import quantwise
 from quantwise.fold import fold_conv_bn
-from quantwise.qat import distill_loss, freeze_bn, lsq_fake_quantize, prepare_qat, qat_layers
+from quantwise.qat import freeze_bn, lsq_fake_quantize, prepare_qat, qat_layers
 from quantwise.state import get_state
 from small_models import MiniResNet, randomize_bn
-from test_qat import W4A4
+from test_qat import W4A4, convert_and_check, distill_steps
 
 
 def _net():
@@ -152,36 +152,11 @@ def test_convert_matches_the_qat_forward_within_one_step_and_reloads(resnet, tmp
     """tests/test_qat.py's check, with the BatchNorms trained live, then frozen, then folded."""
     model, calib = resnet
     qat = prepare_qat(model, W4A4, calib, progress=False)
-    opt = torch.optim.Adam(qat.parameters(), lr=1e-3)
     bn = qat.block1.conv1.bn
     mean0 = bn.running_mean.clone()
-    for step in range(6):
-        if step == 3:
-            freeze_bn(qat)
-        x = torch.randn(4, 3, 32, 32)
-        with torch.no_grad():
-            target = model(x)
-        loss = distill_loss(qat(x), target, "mse")
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    distill_steps(qat, model, 6, before_step=lambda step: step == 3 and freeze_bn(qat))
     assert not torch.allclose(bn.running_mean, mean0, atol=1e-3)  # the statistics did move
-    qat.eval()
     x = torch.randn(5, 3, 32, 32)
-    with torch.no_grad():
-        fake = qat(x)
-        fc = qat.fc
-        step = float(fc.weight_scale.max() * fc.act_scale) * 32 * 4  # as in test_qat.py
-    qmodel = quantwise.convert(qat)
-    summary = quantwise.summary(qmodel)
-    assert sum(r.status == "folded" for r in summary.rows) == 5
-    assert all("fallback" not in (r.kernel or "") for r in summary.rows if r.status == "quantized")
-    with torch.no_grad():
-        real = qmodel(x)
-    err = (real - fake).abs().max().item()
-    assert err <= step, (err, step)
-    assert float((real - fake).norm() / fake.norm()) < 0.05
     # load folds a fresh float model's BatchNorms (old statistics), then loads the trained weights
-    out = quantwise.save(qmodel, tmp_path / "qat-bn")
-    with torch.no_grad():
-        assert torch.equal(quantwise.load(out, model=model)(x), real)
+    qmodel, _ = convert_and_check(qat, model, x, tmp_path / "qat-bn")
+    assert sum(r.status == "folded" for r in quantwise.summary(qmodel).rows) == 5
