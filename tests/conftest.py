@@ -1,12 +1,15 @@
 """Shared fixtures: small real models and their data, built once per session."""
 
 import os
+import tempfile
 
 import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# the kernel probe's cache (kernels/probe.py): fresh per test session, never the user's
+os.environ.setdefault("QUANTWISE_CACHE_DIR", tempfile.mkdtemp(prefix="quantwise-test-cache-"))
 torch.manual_seed(0)
 
 

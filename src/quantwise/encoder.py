@@ -32,8 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quantwise.kernels.base import TINY, f32
-from quantwise.kernels.int8_linear import IntMMLinear
+from quantwise.kernels.base import TINY, f32, shifted_weight_max
+from quantwise.kernels.int8_linear import IntMMLinear, OneDnnLinear
+from quantwise.kernels.select import int_mm_fits
 from quantwise.modules import QuantizedLayer
 from quantwise.spec import Format, PerTensor
 from quantwise.state import QuantState
@@ -75,8 +76,13 @@ def _static_int8(module: Any) -> bool:
             and module.kernel is not None and module.fallback_reason is None):
         return False
     act = module.act_spec
-    return (act.format in (Format.INT8, Format.UINT8) and isinstance(act.granularity, PerTensor)
-            and module.weight_scale.numel() == module.weight_shape[0])
+    if not (act.format in (Format.INT8, Format.UINT8) and isinstance(act.granularity, PerTensor)
+            and module.weight_scale.numel() == module.weight_shape[0]):
+        return False
+    # the fast path runs static Linears on _int_mm (or oneDNN for the FFN pair): only where the
+    # probe found it exact for these codes and not slower than float (kernels.select)
+    n, k = module.weight_shape
+    return int_mm_fits(255, shifted_weight_max(module.weight), k, n)
 
 
 class _Lin:
@@ -230,7 +236,7 @@ class FastBertLayer:
         # uint8 input run in i's GEMM epilogue, and the residual add in f's ("sum" post-op).
         # The modules are kept (not their kernels): deepcopy rebuilds a module's kernel.
         self.i_mod, self.f_mod = parts["i"], parts["f"]
-        self.onednn_ffn = all(x.static and hasattr(m.kernel, "packed") and m.kernel.static
+        self.onednn_ffn = all(x.static and isinstance(m.kernel, OneDnnLinear)
                               for x, m in ((self.i, self.i_mod), (self.f, self.f_mod)))
 
     def __getstate__(self) -> dict:

@@ -43,11 +43,12 @@ def tensor_range(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.
     return lo.to(torch.float64), hi.to(torch.float64)
 
 
-def qparams_from_range(amin: torch.Tensor, amax: torch.Tensor, spec: QuantSpec
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
+def qparams_from_range(amin: torch.Tensor, amax: torch.Tensor, spec: QuantSpec,
+                       code_limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale (float32, floored at TINY) and zero point (int32) covering [amin, amax].
 
-    Symmetric: scale = max(|amin|, |amax|) / qmax, zero_point = 0.
+    Symmetric: scale = max(|amin|, |amax|) / qmax, zero_point = 0; `code_limit` (symmetric
+    only) uses fewer codes, +-code_limit (7-bit weights for CPUs without VNNI: kernels.select).
     Affine: the range is widened to include 0, scale = (max - min) / (qmax - qmin),
     zero_point = round(qmin - min / scale) clamped into [qmin, qmax].
     Float formats: fp8 scales amax onto the format's largest value; fp16/bf16/fp32 use scale 1.
@@ -64,6 +65,8 @@ def qparams_from_range(amin: torch.Tensor, amax: torch.Tensor, spec: QuantSpec
             return _floor_scale(absmax / fmt.float_max, FP32_MAX / fmt.float_max), zero
         return torch.ones(amax.shape, dtype=torch.float32), zero
     qmin, qmax = spec.qmin, spec.qmax
+    if code_limit is not None and spec.symmetric and code_limit < qmax:
+        qmin, qmax = max(qmin, -code_limit), code_limit
     if spec.symmetric:
         if not fmt.is_signed and bool((amin < 0).any()):
             raise ConfigError(

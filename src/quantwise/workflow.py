@@ -33,6 +33,7 @@ from quantwise.modules import ObservedLayer, QuantizedLayer, is_supported, kind_
 from quantwise.modules import float_weight, weight_spec_for
 from quantwise.modules.layers import conv_args
 from quantwise.numerics import qparams_from_range, quantize as quantize_tensor, tensor_range
+from quantwise.kernels import weight_code_limit
 from quantwise.spec import Format, QuantSpec
 from quantwise.state import LayerRecord, QuantState, get_state, set_state
 
@@ -217,7 +218,12 @@ def _convert_layer(obs: ObservedLayer, record: LayerRecord, tied: dict) -> Quant
     else:
         owner = None
         w = weight.detach().float().contiguous()
-        scale, zp = qparams_from_range(*tensor_range(w, spec), spec)
+        limit = _weight_code_limit(kind, spec, act_spec)
+        scale, zp = qparams_from_range(*tensor_range(w, spec), spec, code_limit=limit)
+        if limit is not None:
+            _note(record, f"int8 weight codes limited to +-{limit} (7 bits): this CPU's int8 "
+                          f"kernels add u8 x s8 products in int16 pairs (no VNNI), which "
+                          f"saturates for full-range codes")
         pre = getattr(module, PRECOMPUTED_ATTR, None)  # left by a method (GPTQ, AWQ, ...)
         if pre is not None and tuple(pre[0].shape) == tuple(scale.shape):
             scale, zp = pre[0].to(torch.float32), pre[1].to(torch.int32)
@@ -244,6 +250,15 @@ def _convert_layer(obs: ObservedLayer, record: LayerRecord, tied: dict) -> Quant
     record.kernel = qlayer.kernel_name
     _note(record, qlayer.fallback_reason)
     return qlayer
+
+
+def _weight_code_limit(kind: str, spec: QuantSpec, act_spec: QuantSpec | None) -> int | None:
+    """+-64 for symmetric int8 weights meeting 8-bit activations where the probe found only
+    int16-pair kernels (kernels.select); None elsewhere."""
+    if (act_spec is None or not act_spec.format.is_integer or spec.format != Format.INT8
+            or not spec.symmetric or kind not in ("linear", "conv", "conv_transpose")):
+        return None
+    return weight_code_limit("linear" if kind == "linear" else "conv", act_spec.format.bits)
 
 
 _EDGE_SPEC = QuantSpec(Format.UINT8, symmetric=False)  # uint8 codes between int8 graph ops

@@ -40,17 +40,20 @@ from typing import Optional
 import torch
 
 from quantwise.errors import ConfigError
-from quantwise.kernels.base import (Act, ConvGeom, DynamicAct, Kernel, StaticAct,
-                                    dynamic_act_problem, out_channel_params, static_act_problem)
+from quantwise.kernels.base import (Act, ConvGeom, DynamicAct, Kernel, StaticAct, act_i8_max,
+                                    act_u8_max, dynamic_act_problem, out_channel_params,
+                                    shifted_weight_max, static_act_problem)
 from quantwise.kernels.fallback import FallbackConv, FallbackLinear
 from quantwise.kernels.half import Bf16Conv, Bf16Linear, Fp16Conv, Fp16Linear
 from quantwise.kernels.int8_conv import OneDnnConv
 from quantwise.kernels.int8_linear import IntMMLinear, OneDnnLinear
+from quantwise.kernels.select import (NoExactKernel, check_conv, choose_linear,
+                                      default_per_token_order, weight_code_limit)
 from quantwise.kernels.weight_only import Fp16CodesLinear, Int4PackLinear, PackedDequantLinear
 from quantwise.spec import Format, PerToken, QuantSpec
 
 __all__ = ["StaticAct", "DynamicAct", "Kernel", "make_linear_kernel", "make_conv_kernel",
-           "ConvGeom"]
+           "ConvGeom", "weight_code_limit"]
 
 _FP8 = (Format.FP8_E4M3, Format.FP8_E5M2)
 _INT = (Format.INT8, Format.UINT8, Format.INT4, Format.UINT4)
@@ -140,12 +143,25 @@ def make_linear_kernel(weight_codes: torch.Tensor, weight_scale: torch.Tensor,
         w_scale, w_zp = per_out
         symmetric_s8 = codes.dtype == torch.int8 and not bool(w_zp.any())
         per_token = isinstance(act, DynamicAct) and isinstance(act.spec.granularity, PerToken)
-        if symmetric_s8 and not per_token:
+        if symmetric_s8:
+            order = default_per_token_order() if per_token else ["onednn_linear", "int_mm"]
+        else:  # weight zero points: only the explicit-correction _int_mm path takes them
+            order = ["int_mm"]
+        umax = act_u8_max(act)
+        wmax = shifted_weight_max(codes)
+        choice, ratio = choose_linear(order, {"onednn_linear": umax, "int_mm": act_i8_max(act)},
+                                      wmax, k, n)
+        if choice == "onednn_linear" and not per_token:
             kernel = OneDnnLinear(codes, w_scale, bias, act, weight_label=label)
         else:
-            kernel = IntMMLinear(codes, w_scale, w_zp, bias, act, weight_label=label)
+            kernel = IntMMLinear(codes, w_scale, w_zp, bias, act, weight_label=label,
+                                 gemm="onednn" if choice == "onednn_linear" else "int_mm")
+        kernel.speed_vs_fp32 = ratio
         kernel(torch.zeros(1, k))  # probe: a shape the op rejects falls back here, not later
         return kernel
+    except NoExactKernel as exc:
+        return FallbackLinear(weight_codes, weight_scale, weight_zero_point, weight_spec, bias,
+                              act, f"{exc}; runs as float32 simulation (exact)")
     except _Fallback as fb:
         return FallbackLinear(weight_codes, weight_scale, weight_zero_point, weight_spec, bias,
                               act, fb.reason)
@@ -207,10 +223,15 @@ def make_conv_kernel(weight_codes: torch.Tensor, weight_scale: torch.Tensor,
         if pad is None:
             raise _Fallback("padding='same' with an even kernel needs asymmetric padding, which "
                             "oneDNN qconv does not take; runs as float32 simulation")
+        ratio = check_conv(act_u8_max(act), shifted_weight_max(_codes(weight_codes, fmt)))
         kernel = OneDnnConv(_codes(weight_codes, fmt), w_scale, bias, act, geom, pad,
                             weight_label=fmt.value)
+        kernel.speed_vs_fp32 = ratio
         kernel.probe(_conv_probe(weight_codes, geom, pad))
         return kernel
+    except NoExactKernel as exc:
+        return FallbackConv(weight_codes, weight_scale, weight_zero_point, weight_spec, bias, act,
+                            geom, f"{exc}; runs as float32 simulation (exact)")
     except _Fallback as fb:
         return FallbackConv(weight_codes, weight_scale, weight_zero_point, weight_spec, bias, act,
                             geom, fb.reason)

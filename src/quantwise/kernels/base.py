@@ -9,9 +9,7 @@ final rescale (see `tests/test_kernels.py` for the bound that is asserted).
 
 from __future__ import annotations
 
-import functools
 import math
-import os
 from dataclasses import dataclass
 from typing import Optional, Protocol, Union, runtime_checkable
 
@@ -52,26 +50,6 @@ class Kernel(Protocol):
     def nbytes(self) -> int: ...
 
 
-@functools.cache
-def _cpu_has_amx_int8() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return any(line.startswith("flags") and " amx_int8" in line for line in f)
-    except OSError:  # not Linux: assume no AMX (the _int_mm path is correct everywhere)
-        return False
-
-
-def per_token_gemm() -> str:
-    """Which int8 GEMM runs per-token dynamic Linears: "onednn" on CPUs with AMX int8 (oneDNN's
-    qlinear uses the tiles: 1.9-2.1x torch._int_mm at MiniLM's M=2048 shapes on Sapphire Rapids
-    class CPUs, measured), "int_mm" elsewhere (equal at M=2048 and 2x faster at M=1 on AVX-512
-    VNNI CPUs, measured; no second weight copy). QUANTWISE_INT8_GEMM=onednn|int_mm overrides."""
-    forced = os.environ.get("QUANTWISE_INT8_GEMM", "").strip().lower()
-    if forced in ("onednn", "int_mm"):
-        return forced
-    return "onednn" if _cpu_has_amx_int8() else "int_mm"
-
-
 def tensor_bytes(*tensors: Optional[torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
@@ -104,8 +82,40 @@ def dynamic_act_problem(act: DynamicAct, allow_per_token: bool = True) -> Option
     return f"dynamic activation granularity {type(s.granularity).__name__} has no int8 kernel here"
 
 
+def act_u8_max(act: "StaticAct | DynamicAct") -> int:
+    """Largest uint8 code oneDNN receives for these activations (StaticU8Quantizer shifts
+    signed codes to start at 0; dynamic symmetric int8 codes get +128)."""
+    if isinstance(act, StaticAct):
+        return act.spec.qmax - act.spec.qmin
+    return act.spec.qmax + 128
+
+
+def act_i8_max(act: "StaticAct | DynamicAct") -> int:
+    """Largest code + 128 of the int8 codes _int_mm receives (StaticI8Quantizer moves unsigned
+    codes down by 128): oneDNN's s8 x s8 adds 128 to the activations inside."""
+    if isinstance(act, StaticAct):
+        shift = 0 if act.spec.format.is_signed else -128
+        return act.spec.qmax + shift + 128
+    return act.spec.qmax + 128
+
+
+def weight_shift(codes: torch.Tensor) -> int:
+    """What uint8 weight codes are moved by to become int8: 0 when they already fit (4-bit
+    codes: small codes keep the int16 pair sums of CPUs without VNNI in range), else -128."""
+    if codes.dtype == torch.int8 or codes.numel() == 0 or int(codes.max()) <= 127:
+        return 0
+    return -128
+
+
+def shifted_weight_max(codes: torch.Tensor) -> int:
+    """max |weight code| as the int8 GEMMs see it (after weight_shift)."""
+    if codes.numel() == 0:
+        return 0
+    return int((codes.to(torch.int16) + weight_shift(codes)).abs().max())
+
+
 class StaticU8Quantizer:
-    """x -> uint8 codes for oneDNN, equal to numerics.quantize(x) + shift (shift 128 for int8).
+    """x -> uint8 codes for oneDNN, equal to numerics.quantize(x) + shift (-qmin for signed).
 
     Vectorised passes (div, round, add, clamp, convert, bit flip); the result keeps x's memory
     format (or takes `memory_format`) so channels-last activations stay channels-last. The
@@ -115,7 +125,9 @@ class StaticU8Quantizer:
 
     def __init__(self, act: StaticAct):
         spec = act.spec
-        self.shift = 128 if spec.format.is_signed else 0
+        # signed codes start at 0 (int8 +128, int4 +8): small u8 codes keep the int16 pair sums
+        # of CPUs without VNNI in range (kernels/probe.py)
+        self.shift = -spec.qmin if spec.format.is_signed else 0
         self.scale = f32(act.scale)
         self.scale_t = torch.tensor(self.scale, dtype=torch.float32)
         self.zero_point = int(act.zero_point) + self.shift  # zero point of the uint8 codes

@@ -12,7 +12,7 @@
   2.8-3.5x fp32; measured against oneDNN with x_scale=1 and a per-row multiply afterwards, it is
   equal at M=2048 and 2x faster at M=1 on AVX-512 VNNI CPUs, and needs no second weight copy. On
   CPUs with AMX, oneDNN uses the tiles and is 1.9-2.1x faster at M=2048, so dynamic activations
-  with symmetric weights run there (base.per_token_gemm): qlinear with x_scale 1 and zero point
+  with symmetric weights run there (kernels.select): qlinear with x_scale 1 and zero point
   128 gives acc * w_scale exactly, then the per-row scale and the bias.
 
 Per-token activation quantization is eager and minimal: amax and amin (two reads, no
@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 
 from quantwise.kernels.base import (StaticAct, StaticI8Quantizer, StaticU8Quantizer,
-                                    dynamic_scale, per_token_gemm, quantize_symmetric_i8,
+                                    dynamic_scale, quantize_symmetric_i8, weight_shift,
                                     quantize_symmetric_u8, tensor_bytes)
 from quantwise.spec import PerToken
 
@@ -60,7 +60,7 @@ class OneDnnLinear:
         else:
             self.qmax = act.spec.qmax
         self.name = (f"{weight_label} weights x uint8 activations -> int32, oneDNN "
-                     f"qlinear_pointwise (VNNI; rescale+bias fused; {_act_label(act)})")
+                     f"qlinear_pointwise (rescale+bias fused; {_act_label(act)})")
         self.fallback_reason = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -102,10 +102,11 @@ class IntMMLinear:
     _int_mm(qx, qw^T) - zx * colsum(qw) - zw * rowsum(qx) + K * zx * zw (all int32, exact)."""
 
     def __init__(self, codes: torch.Tensor, w_scale: torch.Tensor, w_zero_point: torch.Tensor,
-                 bias: Optional[torch.Tensor], act, weight_label: str = "int8"):
+                 bias: Optional[torch.Tensor], act, weight_label: str = "int8",
+                 gemm: str = "int_mm"):
         n, k = codes.shape
         self.out_features, self.in_features = n, k
-        shift = 0 if codes.dtype == torch.int8 else -128  # uint8 codes -> int8, zp moves along
+        shift = weight_shift(codes)  # uint8 codes -> int8, zp moves along
         w = (codes.to(torch.int16) + shift).to(torch.int8).contiguous()
         self.w_t = w.t()  # [K, N] view; _int_mm reads it as fast as a contiguous copy
         zw = (w_zero_point.to(torch.int32) + shift).contiguous()
@@ -123,14 +124,14 @@ class IntMMLinear:
                     corr = corr - k * zx * self.w_zero_point
                 self.correction = corr.contiguous()
             self.out_scale = (self.w_scale * self.quant.scale_t).contiguous()
-        self.packed = None  # dynamic activations on AMX CPUs: oneDNN's GEMM (base.per_token_gemm)
+        self.packed = None  # dynamic activations on oneDNN's GEMM when the selector chose it
         if not self.static:
             self.qmax = act.spec.qmax
             self.per_token = isinstance(act.spec.granularity, PerToken)
-            if self.w_zero_point is None and per_token_gemm() == "onednn":
+            if self.w_zero_point is None and gemm == "onednn":
                 self.packed = torch.ops.onednn.qlinear_prepack(w, None)
                 self.no_zero_points = torch.zeros(n, dtype=torch.int64)
-        gemm = ("oneDNN qlinear_pointwise (AMX), x_scale 1, row scales after"
+        gemm = ("oneDNN qlinear_pointwise, x_scale 1, row scales after"
                 if self.packed is not None else "torch._int_mm")
         self.name = (f"{weight_label} x int8 -> int32 {gemm} ({_act_label(act)}"
                      + (", weight zero-point correction" if self.w_zero_point is not None else "")
