@@ -3,7 +3,7 @@
 import torch
 
 from quantwise import numerics
-from quantwise.kernels import StaticAct, make_conv_kernel
+from quantwise.kernels import StaticAct, make_conv_kernel, weight_code_limit
 from quantwise.spec import Format, PerChannel, QuantSpec
 
 
@@ -14,7 +14,8 @@ def test_conv_repacks_once_for_the_first_real_input_size():
     torch.manual_seed(0)
     spec = QuantSpec(Format.INT8, granularity=PerChannel(0))
     w = torch.randn(16, 8, 3, 3)
-    scale, zp = numerics.qparams_from_range(*numerics.tensor_range(w, spec), spec)
+    scale, zp = numerics.qparams_from_range(*numerics.tensor_range(w, spec), spec,
+                                            code_limit=weight_code_limit("conv", 8))
     codes = numerics.quantize(w, scale, zp, spec)
     act = StaticAct(0.05, 3, QuantSpec(Format.UINT8, symmetric=False))
     kernel = make_conv_kernel(codes, scale, zp, spec, None, act, stride=1, padding=1, dilation=1,
@@ -35,7 +36,8 @@ def test_conv_input_sizes_that_trip_onednn_get_their_own_packing():
     torch.manual_seed(1)
     spec = QuantSpec(Format.INT8, granularity=PerChannel(0))
     w = torch.randn(6, 3, 3, 3)
-    scale, zp = numerics.qparams_from_range(*numerics.tensor_range(w, spec), spec)
+    scale, zp = numerics.qparams_from_range(*numerics.tensor_range(w, spec), spec,
+                                            code_limit=weight_code_limit("conv", 8))
     codes = numerics.quantize(w, scale, zp, spec)
     w_hat = numerics.dequantize(codes, scale, zp, spec)
     act = StaticAct(0.05, 128, QuantSpec(Format.UINT8, symmetric=False))

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import nn
 
+from quantwise.kernels.probe import probe
+from quantwise.kernels.select import speed_note
 from quantwise.state import LayerRecord, get_state
 
 
@@ -14,6 +16,8 @@ from quantwise.state import LayerRecord, get_state
 class Summary:
     rows: list[LayerRecord]
     graph: str = ""  # what the int8 graph path did (or why it did not apply)
+    cpu: dict = field(default_factory=dict)  # this CPU, its integer ISA, what the probe found
+    speed: dict[str, str] = field(default_factory=dict)  # layer -> "no int8 speedup here" notes
 
     @property
     def quantized(self) -> list[LayerRecord]:
@@ -24,7 +28,8 @@ class Summary:
         return [r for r in self.rows if r.status == "float"]
 
     def to_dict(self) -> dict:
-        return {"layers": [r.to_dict() for r in self.rows],
+        return {"cpu": self.cpu,
+                "layers": [{**r.to_dict(), "speed_note": self.speed.get(r.name)} for r in self.rows],
                 "counts": {"quantized": len(self.quantized), "float": len(self.float_layers),
                            "folded": sum(r.status == "folded" for r in self.rows)},
                 "int8_graph": self.graph}
@@ -35,7 +40,8 @@ class Summary:
     def __str__(self) -> str:
         header = ("layer", "type", "format", "calibrator", "kernel", "note")
         table = [header] + [(r.name, r.module_type, r.config, r.calibrator or "-", r.kernel,
-                             _note(r)) for r in self.rows]
+                             "; ".join(x for x in (_note(r), self.speed.get(r.name)) if x))
+                            for r in self.rows]
         widths = [min(max(len(row[i]) for row in table), 72) for i in range(len(header) - 1)]
         lines = []
         for i, row in enumerate(table):
@@ -48,6 +54,10 @@ class Summary:
                      + (f", {folded} BatchNorm folded" if folded else ""))
         if self.graph:
             lines.append(self.graph)
+        if self.cpu:
+            sums = ", ".join(f"{k} {v}" for k, v in sorted(self.cpu["accumulation"].items()))
+            lines.append(f"CPU: {self.cpu['cpu']}; integer ISA: {self.cpu['isa']}; "
+                         f"int8 sums (probe): {sums}")
         return "\n".join(lines)
 
 
@@ -63,4 +73,11 @@ def summary(model: nn.Module) -> Summary:
     state = get_state(model)
     lines = [r.line() for r in (state.graph, state.encoder) if r is not None]
     graph = "\n".join(line for line in lines if line)
-    return Summary(list(state.records.values()), graph)
+    speed = {}
+    for name, module in model.named_modules():
+        note = speed_note(getattr(getattr(module, "kernel", None), "speed_vs_fp32", None))
+        if note and name in state.records:
+            speed[name] = note
+    info = probe().to_dict()
+    cpu = {k: info[k] for k in ("cpu", "isa", "accumulation")}
+    return Summary(list(state.records.values()), graph, cpu, speed)

@@ -172,11 +172,13 @@ def convert(model: nn.Module, fuse: bool = True) -> nn.Module:
     """
     state = get_state(model)
     tied: dict[int, QuantizedLayer] = {}  # id(float weight) -> first layer quantizing it
-    for obs in observed_layers(model):
+    layers = observed_layers(model)
+    limits = _code_limits(layers)
+    for obs in layers:
         if hasattr(obs, "freeze"):  # a QAT layer hands over its learned scales (qat.py)
             obs.freeze()
         record = state.records[obs.qname]
-        qlayer = _convert_layer(obs, record, tied)
+        qlayer = _convert_layer(obs, record, tied, limits)
         folded = [bn for conv, bn in state.folded if conv == obs.qname]
         _note(record, f"{folded[0]} folded in" if folded else None)
         model.set_submodule(obs.qname, qlayer if qlayer is not None else obs.module)
@@ -189,7 +191,24 @@ def convert(model: nn.Module, fuse: bool = True) -> nn.Module:
     return model
 
 
-def _convert_layer(obs: ObservedLayer, record: LayerRecord, tied: dict) -> QuantizedLayer | None:
+def _code_limits(layers: list[ObservedLayer]) -> dict[int, int]:
+    """id(float weight) -> 7-bit code limit, for weights any of whose users needs it (tied
+    weights share one set of codes: an embedding tied to an lm_head gets the head's limit)."""
+    limits: dict[int, int] = {}
+    for obs in layers:
+        kind = kind_of(obs.module)
+        if kind == "embedding" or obs.layer_config.weight is None:
+            continue
+        spec, _ = weight_spec_for(obs.module, obs.layer_config.weight)
+        limit = _weight_code_limit(kind, spec, obs.layer_config.activation)
+        key = id(obs.module.weight)
+        if limit is not None:
+            limits[key] = min(limit, limits.get(key, limit))
+    return limits
+
+
+def _convert_layer(obs: ObservedLayer, record: LayerRecord, tied: dict,
+                   limits: dict[int, int]) -> QuantizedLayer | None:
     module, cfg = obs.module, obs.layer_config
     if obs.weight_read:
         return _keep_float(record, "the model reads this layer's .weight while it runs (e.g. "
@@ -213,12 +232,12 @@ def _convert_layer(obs: ObservedLayer, record: LayerRecord, tied: dict) -> Quant
     _note(record, note)
     weight = float_weight(module)  # [out, in] for Linear and transformers' Conv1D alike
     owner = tied.get(id(module.weight))
+    limit = limits.get(id(module.weight)) if spec.format == Format.INT8 and spec.symmetric else None
     if owner is not None and owner.weight_spec == spec and owner.weight_shape == tuple(weight.shape):
         codes, scale, zp = owner.codes(), owner.weight_scale, owner.zero_points()
     else:
         owner = None
         w = weight.detach().float().contiguous()
-        limit = _weight_code_limit(kind, spec, act_spec)
         scale, zp = qparams_from_range(*tensor_range(w, spec), spec, code_limit=limit)
         if limit is not None:
             _note(record, f"int8 weight codes limited to +-{limit} (7 bits): this CPU's int8 "
