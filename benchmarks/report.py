@@ -99,7 +99,7 @@ def timing_noise(rows: list[dict[str, Any]]) -> float:
     return max(spreads, default=1.0)
 
 
-def model_table(name: str, res: dict[str, Any]) -> list[str]:
+def model_table(name: str, res: dict[str, Any], ceil: dict | None = None) -> list[str]:
     if "error" in res:
         return [f"### {name}", "", f"Could not build the model: {res['error']}", ""]
     rows = res["systems"]
@@ -131,7 +131,7 @@ def model_table(name: str, res: dict[str, Any]) -> list[str]:
         cells += [_f(q.get("accuracy"), ".4f")] if labelled else []
         cells += [_notes(r, expected)]
         lines.append("| " + " | ".join(cells) + " |")
-    return lines + [""]
+    return lines + [""] + ceiling_line(name, rows, ceil)
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -155,7 +155,32 @@ def markdown(results: dict[str, Any]) -> str:
         f"- Memory: {s['memory']}",
         "",
     ]
+    ceil = m.get("ceiling")
+    if ceil:
+        sums = ", ".join(f"{k} {v}" for k, v in sorted(ceil["accumulation"].items()))
+        lines += [f"- Integer ISA (kernel probe): {ceil['isa']}; int8 sums: {sums}",
+                  "- This machine's int8 ceiling (benchmarks/ceiling.py: best exact int8 / fp32 "
+                  "throughput): " + "; ".join(f"{r['shape']} {r['ceiling']:.2f}x"
+                                              for r in ceil["rows"] if r["ceiling"]), ""]
     lines += targets_table(results.get("targets", []))
     for name, res in results["models"].items():
-        lines += model_table(name, res)
+        lines += model_table(name, res, ceil)
     return "\n".join(lines)
+
+
+# the ceiling row each model's int8 speedup is compared with: its dominant shape
+_CEILING_SHAPE = {"minilm": "GEMM 2048 x 384 x 1536", "resnet18": "conv 3x3, 128 ch 28x28, batch 8"}
+
+
+def ceiling_line(name: str, rows: list[dict[str, Any]], ceil: dict | None) -> list[str]:
+    shape = _CEILING_SHAPE.get(name)
+    row = next((r for r in (ceil or {}).get("rows", []) if r["shape"] == shape), None)
+    if not row or not row.get("ceiling"):
+        return []
+    ours = [r for r in rows if r["system"].startswith("quantwise") and r.get("speedup_vs_torch_fp32")]
+    if not ours:
+        return []
+    best = max(ours, key=lambda r: r["speedup_vs_torch_fp32"])
+    return [f"Ceiling: int8 / fp32 at {shape} is {row['ceiling']:.2f}x here; the fastest quantwise "
+            f"row ({best['system']}) runs {best['speedup_vs_torch_fp32']:.2f}x torch fp32 = "
+            f"{best['speedup_vs_torch_fp32'] / row['ceiling']:.2f} of that ceiling.", ""]

@@ -85,6 +85,7 @@ def quantwise_preset(preset: str, case: Case, ctx: dict[str, Any]) -> System:
     info = layer_counts(summary.rows)
     if summary.graph.startswith("int8 graph path: ") and "not applied" not in summary.graph:
         info["int8_graph"] = summary.graph.removeprefix("int8 graph path: ")
+    info["kernels"] = dict(Counter(r.kernel for r in summary.quantized))  # what the probe chose
     return torch_system(f"quantwise {preset}", qmodel, size_bytes=folder_bytes(folder),
                         size_note="quantwise.save folder", info=info)
 
@@ -312,6 +313,11 @@ def main(argv: list[str] | None = None) -> int:
                      "size_vs_fp32": "bytes on disk / fp32 safetensors bytes"},
         "models": {},
     }
+    if qw["importable"]:  # the probe's findings and this machine's int8 ceiling (ceiling.py)
+        import ceiling
+
+        log("measuring this machine's int8 ceiling")
+        results["machine"]["ceiling"] = ceiling.measure(args.threads)
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="quantwise-bench-") as tmp:
         for name in args.models.split(","):

@@ -29,6 +29,7 @@ from torch import nn
 from quantwise.config import Config, LayerConfig, Rule
 from quantwise.errors import ConfigError, EvaluationError
 from quantwise.evaluate import float_checkpoint_bytes, folder_bytes, median_latency_ms
+from quantwise.kernels.probe import isa_label
 from quantwise.io import save
 from quantwise.modules import float_weight, is_supported, unsupported_reason
 from quantwise.planresult import Candidate, Plan, mark_pareto
@@ -404,6 +405,15 @@ class _Planner:
                        f"{self.target:.6g} after {self.evaluations} evaluations; raise "
                        f"max_evaluations, allow higher-precision formats ('fp16', 'fp32'), or "
                        f"relax max_drop")
+        if (met and self.objective == "latency" and self.fp32_latency is not None
+                and best.latency_ms > self.fp32_latency):
+            # never slower than float: on CPUs whose int8 kernels gain nothing (AVX2 without
+            # VNNI) every quantized plan can lose to the float model
+            fp = self.evaluate({n: "fp32" for n in self.layers}, "all fp32")
+            if fp.met and fp.latency_ms <= best.latency_ms:
+                best = fp
+                message = (f"every quantized plan measured slower than fp32 on this CPU "
+                           f"({isa_label()}): the plan keeps the model float")
         latency = best.latency_ms
         if latency is None:  # size objective: measure the chosen model once
             _, qmodel = self.quantized(best.layers)
