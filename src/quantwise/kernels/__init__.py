@@ -2,12 +2,14 @@
 
 `make_linear_kernel` / `make_conv_kernel` pick what actually runs for a weight spec and an
 activation descriptor; every kernel says what runs in `name`, and `fallback_reason` is None only
-when a low-precision kernel does the arithmetic. Choices (measured with
+when a low-precision kernel does the arithmetic. Integer kernels are taken only where the probe
+(probe.py) measured them exact for the layer's codes on this CPU, the fastest measured first
+(select.py); otherwise the exact float simulation runs and says why. Choices (measured with
 benchmarks/kernels_micro.py; the reasons are in each module's docstring):
 
 | case                                             | kernel (module)                           |
 |--------------------------------------------------|-------------------------------------------|
-| Linear, static int8/uint8 input, symmetric W     | oneDNN qlinear_pointwise (int8_linear)    |
+| Linear, static int8/uint8 input, symmetric W     | oneDNN qlinear_pointwise or _int_mm       |
 | Linear, dynamic per-tensor input, symmetric W    | oneDNN qlinear_pointwise (int8_linear)    |
 | Linear, dynamic per-token input, or affine W     | torch._int_mm + corrections (int8_linear) |
 | Linear, weight-only 8-bit per-channel            | fp16-exact codes, FBGEMM (weight_only)    |
