@@ -69,9 +69,9 @@ def markdown(res: dict) -> str:
     for r in res["rows"]:
         one = r.get("onednn_linear_gops") or r.get("onednn_conv_gops")
         mm = r.get("int_mm_gops")
-        lines.append(f"| {r['shape']} | {r['fp32_gops']:.1f} | {one:.1f} | "
-                     f"{'' if mm is None else f'{mm:.1f}'} | "
-                     f"{'-' if r['ceiling'] is None else f'{r['ceiling']:.2f}x'} |")
+        mm_text = "" if mm is None else f"{mm:.1f}"
+        ceil_text = "-" if r["ceiling"] is None else f"{r['ceiling']:.2f}x"
+        lines.append(f"| {r['shape']} | {r['fp32_gops']:.1f} | {one:.1f} | {mm_text} | {ceil_text} |")
     return "\n".join(lines)
 
 

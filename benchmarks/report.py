@@ -177,7 +177,8 @@ def ceiling_line(name: str, rows: list[dict[str, Any]], ceil: dict | None) -> li
     row = next((r for r in (ceil or {}).get("rows", []) if r["shape"] == shape), None)
     if not row or not row.get("ceiling"):
         return []
-    ours = [r for r in rows if r["system"].startswith("quantwise") and r.get("speedup_vs_torch_fp32")]
+    ours = [r for r in rows if r["system"].startswith("quantwise") and "->" not in r["system"]
+            and r.get("speedup_vs_torch_fp32")]  # rows run by ONNX Runtime are not ours
     if not ours:
         return []
     best = max(ours, key=lambda r: r["speedup_vs_torch_fp32"])

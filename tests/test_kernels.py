@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from quantwise import numerics
 from quantwise.kernels import (DynamicAct, Kernel, StaticAct, make_conv_kernel, make_linear_kernel,
                                weight_code_limit)
+from quantwise.kernels.gemv import FewRowsLinear
 from quantwise.kernels.probe import probe
 from quantwise.kernels.base import StaticU8Quantizer, dynamic_scale, quantize_symmetric_i8
 from quantwise.spec import Format, PerChannel, PerGroup, PerTensor, PerToken, QuantSpec
@@ -246,7 +247,10 @@ def test_weight_only_int4_runs_torch_int4_gemm(gran, m):
     step = x.abs() @ full.t()  # one weight quantization step, per output element
     err = (kernel(x) - sim).abs()
     assert (err <= 0.02 * step).all(), float((err / step).max())  # bf16 input: ~0.4% measured
-    assert kernel.nbytes() <= n * k // 2 + 4 * n * (k // 32) + 4 * n  # half a byte per weight
+    # half a byte per weight; a layer that also runs the compiled GEMV for 1-8 rows keeps a
+    # second packed copy in its layout (kernels/gemv.py)
+    copies = 2 if isinstance(kernel, FewRowsLinear) else 1
+    assert kernel.nbytes() <= copies * (n * k // 2 + 4 * n * (k // 32)) + 4 * n
 
 
 @pytest.mark.parametrize("fmt,symmetric,k,gran", [

@@ -46,13 +46,14 @@ from quantwise.kernels.base import (Act, ConvGeom, DynamicAct, Kernel, StaticAct
                                     act_u8_max, dynamic_act_problem, out_channel_params,
                                     shifted_weight_max, static_act_problem)
 from quantwise.kernels.fallback import FallbackConv, FallbackLinear
+from quantwise.kernels.gemv import with_gemv
 from quantwise.kernels.half import Bf16Conv, Bf16Linear, Fp16Conv, Fp16Linear
 from quantwise.kernels.int8_conv import OneDnnConv
 from quantwise.kernels.int8_linear import IntMMLinear, OneDnnLinear
 from quantwise.kernels.select import (NoExactKernel, check_conv, choose_linear,
                                       default_per_token_order, weight_code_limit)
 from quantwise.kernels.weight_only import Fp16CodesLinear, Int4PackLinear, PackedDequantLinear
-from quantwise.spec import Format, PerToken, QuantSpec
+from quantwise.spec import Format, PerGroup, PerTensor, PerToken, QuantSpec
 
 __all__ = ["StaticAct", "DynamicAct", "Kernel", "make_linear_kernel", "make_conv_kernel",
            "ConvGeom", "weight_code_limit"]
@@ -121,21 +122,30 @@ def make_linear_kernel(weight_codes: torch.Tensor, weight_scale: torch.Tensor,
         per_out = out_channel_params(weight_spec, weight_scale, weight_zero_point, n, 0, 2)
         label = fmt.value
         if act is None:
+            symmetric = not bool(torch.as_tensor(weight_zero_point).any())
             if per_out is not None and fmt in (Format.INT8, Format.UINT8):
-                return Fp16CodesLinear(codes, *per_out, bias, weight_label=label)
+                base = Fp16CodesLinear(codes, *per_out, bias, weight_label=label)
+                if fmt == Format.INT8 and symmetric:  # 1-8 rows: the compiled GEMV, if faster
+                    return with_gemv(base, codes, per_out[0], 8, k, bias)
+                return base
+            g = weight_spec.granularity
+            group = g.size if isinstance(g, PerGroup) else k
+            int4_gemv = fmt == Format.INT4 and symmetric and not isinstance(g, PerTensor)
             if Int4PackLinear.supports(weight_spec, codes, weight_zero_point):
                 try:
                     kernel = Int4PackLinear(codes, weight_scale, weight_spec, bias)
                     kernel(torch.zeros(1, k))  # probe: a shape the op rejects falls back now
-                    return kernel
+                    return with_gemv(kernel, codes, weight_scale, 4, group, bias) if int4_gemv \
+                        else kernel
                 except RuntimeError:
                     pass
             why = ("this int4 layout (affine, per-tensor, or group not in 32..256 dividing K) or "
                    "shape has no CPU int4 GEMM; codes stay packed and are dequantized per call"
                    if fmt in (Format.INT4, Format.UINT4) else
                    "per-group 8-bit weights have no CPU GEMM; codes are dequantized per call")
-            return PackedDequantLinear(codes, weight_scale, weight_zero_point, weight_spec, bias,
+            base = PackedDequantLinear(codes, weight_scale, weight_zero_point, weight_spec, bias,
                                        why)
+            return with_gemv(base, codes, weight_scale, 4, group, bias) if int4_gemv else base
         reason = _act_reason(act, allow_per_token=True)
         if reason:
             raise _Fallback(reason)

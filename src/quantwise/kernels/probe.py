@@ -293,6 +293,16 @@ class Probe:
                 self._save()
             return table[key]
 
+    def timings(self, key: str, make_fns: Callable[[], dict[str, Callable[[], object]]]
+                ) -> dict[str, float]:
+        """ms per call of each of `make_fns()`'s candidates, measured once per `key` (cached)."""
+        with _LOCK:
+            table = self.data.setdefault("timings", {})
+            if key not in table:
+                table[key] = _time_candidates(make_fns())
+                self._save()
+            return table[key]
+
     def conv_ms(self) -> dict[str, float]:
         with _LOCK:
             if "conv_ms" not in self.data:

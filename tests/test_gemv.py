@@ -1,0 +1,113 @@
+"""The compiled weight-only GEMV (kernels/gemv.py, csrc/gemv.c) against the float simulation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from quantwise import numerics
+from quantwise.kernels import make_linear_kernel
+from quantwise.kernels.gemv import FewRowsLinear, WeightOnlyGemv, blocked_int4, library
+from quantwise.spec import Format, PerChannel, PerGroup, QuantSpec
+
+U = 2.0 ** -24
+needs_gemv = pytest.mark.skipif(library()[0] is None, reason="no compiled GEMV on this machine")
+
+
+def _quantized(n, k, spec, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g)
+    scale, zp = numerics.qparams_from_range(*numerics.tensor_range(w, spec), spec)
+    codes = numerics.quantize(w, scale, zp, spec)
+    return codes, scale, zp, numerics.dequantize(codes, scale, zp, spec)
+
+
+def _assert_close(out, x, w_hat, bias):
+    """float32 sums in another order: within 2 (K + 4) u of sum |x| |w| (test_kernels' bound)."""
+    ref = F.linear(x.double(), w_hat.double(), None if bias is None else bias.double())
+    mag = F.linear(x.abs().double(), w_hat.abs().double(),
+                   None if bias is None else bias.abs().double())
+    assert (out.double() - ref).abs().le(2 * (x.shape[-1] + 4) * U * mag + 1e-30).all()
+
+
+def test_blocked_int4_layout():
+    codes = torch.randint(-8, 8, (3, 64), dtype=torch.int8)
+    b = blocked_int4(codes).to(torch.int16).reshape(3, 2, 16)
+    lo, hi = (b & 15) - 8, (b >> 4) - 8
+    assert torch.equal(torch.cat([lo, hi], dim=-1).reshape(3, 64), codes.to(torch.int16))
+
+
+@needs_gemv
+@pytest.mark.parametrize("m", [1, 3, 8])
+@pytest.mark.parametrize("n,k", [(37, 64), (300, 512), (1, 16)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_int8_gemv_matches_the_simulation(m, n, k, with_bias):
+    spec = QuantSpec(Format.INT8, granularity=PerChannel(0))
+    codes, scale, _, w_hat = _quantized(n, k, spec)
+    bias = torch.randn(n) if with_bias else None
+    x = torch.randn(m, k) * 3
+    _assert_close(WeightOnlyGemv(codes, scale, 8, k, bias)(x), x, w_hat, bias)
+
+
+@needs_gemv
+@pytest.mark.parametrize("m", [1, 5, 8])
+@pytest.mark.parametrize("n,k,group", [(37, 128, 32), (260, 512, 128), (9, 256, 256)])
+def test_int4_gemv_matches_the_simulation(m, n, k, group):
+    spec = QuantSpec(Format.INT4, granularity=PerGroup(group))
+    codes, scale, _, w_hat = _quantized(n, k, spec)
+    bias = torch.randn(n)
+    x = torch.randn(m, k)
+    _assert_close(WeightOnlyGemv(codes, scale, 4, group, bias)(x), x, w_hat, bias)
+
+
+@needs_gemv
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_thread_split_gives_identical_rows(threads):
+    spec = QuantSpec(Format.INT8, granularity=PerChannel(0))
+    codes, scale, _, _ = _quantized(513, 256, spec)
+    x = torch.randn(2, 256)
+    gemv = WeightOnlyGemv(codes, scale, 8, 256, None)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        ref = gemv(x)
+        torch.set_num_threads(threads)
+        assert torch.equal(gemv(x), ref)
+    finally:
+        torch.set_num_threads(old)
+
+
+@needs_gemv
+def test_few_rows_go_to_the_gemv_and_many_to_the_base_kernel(monkeypatch):
+    monkeypatch.setenv("QUANTWISE_GEMV", "on")  # whatever the probe would measure here
+    spec = QuantSpec(Format.INT8, granularity=PerChannel(0))
+    codes, scale, zp, w_hat = _quantized(2048, 2048, spec)
+    kernel = make_linear_kernel(codes, scale, zp, spec, None, None)
+    assert isinstance(kernel, FewRowsLinear)
+    assert "compiled AVX2 GEMV" in kernel.name and kernel.fallback_reason is None
+    x = torch.randn(2, 3, 2048)  # 6 rows: the GEMV
+    _assert_close(kernel(x).reshape(6, -1), x.reshape(6, -1), w_hat, None)
+    many = torch.randn(20, 2048)  # the fp16-weight GEMM, as before
+    torch.testing.assert_close(kernel(many), kernel.base(many), rtol=0, atol=0)
+
+
+@needs_gemv
+def test_gemv_layers_copy_save_and_reload(tmp_path, monkeypatch):
+    """A model whose weight-only Linears run the GEMV deep-copies and reloads bit-identically."""
+    import copy
+
+    import quantwise
+
+    monkeypatch.setenv("QUANTWISE_GEMV", "on")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.ReLU(), torch.nn.Linear(512, 128))
+    for preset in ("w8", "w4"):
+        q = quantwise.quantize(model, preset, progress=False)
+        assert any("compiled AVX2 GEMV" in r.kernel for r in quantwise.summary(q).quantized)
+        x = torch.randn(3, 256)
+        with torch.no_grad():
+            y = q(x)
+            assert torch.equal(copy.deepcopy(q)(x), y)
+            quantwise.save(q, tmp_path / preset)
+            assert torch.equal(quantwise.load(tmp_path / preset, model=model)(x), y)
