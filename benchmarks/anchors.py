@@ -71,6 +71,35 @@ def ort_system(name: str, path: Path, tmp: Path, **info: Any) -> System:
                   size_bytes=path.stat().st_size, size_note=".onnx file", info=info)
 
 
+def ov_system(name: str, path: Path, **info: Any) -> System:
+    """OpenVINO's CPU plugin on the ONNX file `path`, INTRA_THREADS threads, latency hint. It
+    picks its kernels from the CPU itself (ONEDNN_MAX_CPU_ISA does not cap them)."""
+    import onnx
+    import openvino as ov
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    inits = {t.name for t in graph.initializer}
+    names = [i.name for i in graph.input if i.name not in inits]
+    holder: dict[str, Any] = {}
+
+    def load() -> None:
+        core = ov.Core()
+        core.set_property("CPU", {"INFERENCE_NUM_THREADS": INTRA_THREADS,
+                                  "PERFORMANCE_HINT": "LATENCY"})
+        holder["model"] = core.compile_model(str(path), "CPU")
+
+    def run(feeds: dict[str, Any]) -> list:
+        return list(holder["model"](feeds).values())
+
+    info["openvino"] = ov.__version__
+    return System(name, run=run, prepare=lambda x: _feeds(x, names), load=load,
+                  size_bytes=path.stat().st_size, size_note=".onnx file", info=info)
+
+
+def ov_fp32(case: Any, ctx: dict[str, Any]) -> System:
+    return ov_system("OpenVINO fp32", _need_fp32_onnx(ctx))
+
+
 def optimized_graph_ops(path: Path) -> dict[str, Any]:
     """Which Conv / MatMul kernels the session really runs (quantwise.export.check reads the graph
     ORT optimizes). This is how one sees that QDQ nodes were *not* fused and the layer still runs

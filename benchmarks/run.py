@@ -85,12 +85,11 @@ def quantwise_preset(preset: str, case: Case, ctx: dict[str, Any]) -> System:
     info = layer_counts(summary.rows)
     if summary.graph.startswith("int8 graph path: ") and "not applied" not in summary.graph:
         info["int8_graph"] = summary.graph.removeprefix("int8 graph path: ")
-    info["kernels"] = dict(Counter(r.kernel for r in summary.quantized))  # what the probe chose
     return torch_system(f"quantwise {preset}", qmodel, size_bytes=folder_bytes(folder),
                         size_note="quantwise.save folder", info=info)
 
 
-def quantwise_onnx(preset: str, case: Case, ctx: dict[str, Any]) -> System:
+def quantwise_onnx(preset: str, case: Case, ctx: dict[str, Any], runtime: str = "ort") -> System:
     """The quantwise model exported as an ONNX QDQ graph (quantwise.export), run by ONNX Runtime."""
     if not ctx["quantwise"]["importable"]:
         raise RuntimeError(f"quantwise not importable: {ctx['quantwise']['error']}")
@@ -104,6 +103,8 @@ def quantwise_onnx(preset: str, case: Case, ctx: dict[str, Any]) -> System:
     info = {"exported_layers": len(result.layers)}
     if result.notes:
         info["exported_in_float"] = len(result.notes)
+    if runtime == "openvino":  # the same exported int8 graph, run by OpenVINO's CPU plugin
+        return anchors.ov_system(f"quantwise {preset} -> OpenVINO", path, **info)
     return anchors.ort_system(f"quantwise {preset} -> ORT", path, ctx["tmp"], **info)
 
 
@@ -140,7 +141,9 @@ def builders(args: argparse.Namespace, model: str = "") -> list[tuple[str, Any]]
     presets = list(args.presets) + [p for p in MODEL_PRESETS.get(model, ()) if args.model_presets]
     rows += [(f"quantwise {p}", partial(quantwise_preset, p)) for p in presets]
     rows += [(f"quantwise {p} -> ORT", partial(quantwise_onnx, p)) for p in args.onnx_presets]
-    rows += anchors.BUILDERS[1:]
+    rows += [(f"quantwise {p} -> OpenVINO", partial(quantwise_onnx, p, runtime="openvino"))
+             for p in args.onnx_presets if p == "w8a8"]
+    rows += anchors.BUILDERS[1:] + [("OpenVINO fp32", anchors.ov_fp32)]
     if args.systems:  # development filter; the two fp32 references always run (ratios need them)
         keep = [s.strip() for s in args.systems.split(",")]
         rows = [r for r in rows if r[0] in ("torch fp32", "ORT fp32") or any(k in r[0] for k in keep)]

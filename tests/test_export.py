@@ -232,3 +232,28 @@ def test_opset_17_is_enough_for_8_bit(preset, tmp_path):
         assert _rel(_run(result.path, x), qmodel(x)) < 1e-2
     with pytest.raises(quantwise.OutputPathError, match="opset"):
         export_onnx(qmodel, calib[0], tmp_path / "m16.onnx", opset=16)
+
+
+def test_export_warns_where_onnx_runtime_saturates(tmp_path, monkeypatch):
+    """ONNX Runtime's u8 x s8 kernels are measured (ort_exactness); where they only sum int16
+    pairs, an export with 8-bit weight codes says so, and one with 7-bit codes does not."""
+    from quantwise.export import ort_exactness
+    from quantwise.kernels.probe import EXACT, INEXACT, PAIRS
+
+    assert ort_exactness.ort_accumulation() in (EXACT, PAIRS, INEXACT)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 8))
+    calib = [torch.randn(4, 16)]
+    qmodel = quantwise.quantize(model, "w8a8", calib, progress=False)
+    layer = qmodel[0]
+    monkeypatch.setattr(ort_exactness, "ort_accumulation", lambda: PAIRS)
+    wide = int(layer.codes().to(torch.int16).abs().max())
+    note = ort_exactness.saturation_note(qmodel)
+    assert (note is not None) == (wide > 64)
+    if note:
+        assert "7-bit weights" in note
+    with torch.no_grad():
+        layer.weight.copy_(layer.weight.clamp(-64, 64))  # what quantize() makes on such a CPU
+    assert ort_exactness.saturation_note(qmodel) is None
+    result = export_onnx(qmodel, calib[0], tmp_path / "m.onnx")
+    assert result.runtime_note is None and "runtime_note" in result.to_dict()

@@ -272,6 +272,8 @@ def _print_export(result, notes: list[str], as_json: bool) -> int:
             print(f"  float: {layer}: {note}")
         print(result.fusion.line())
         print(result.parity.table())
+        if result.runtime_note:
+            print(f"warning: {result.runtime_note}")
         for note in notes:
             print(f"note: {note}")
     return 0 if result.parity.ok else 1

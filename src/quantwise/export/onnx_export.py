@@ -25,6 +25,7 @@ from torch import nn
 from quantwise._version import __version__
 from quantwise.errors import ModelLoadError, OutputPathError
 from quantwise.export import ops
+from quantwise.export.ort_exactness import saturation_note
 from quantwise.export.twin import LayerTwin, build_twin, layer_count
 from quantwise.modules import QuantizedLayer
 
@@ -42,6 +43,7 @@ class ExportResult:
     dynamic_axes: dict[str, list[int]] = field(default_factory=dict)
     fusion: Any = None                # check.FusionReport, when asked for
     parity: Any = None                # check.ParityReport, when asked for
+    runtime_note: str | None = None   # ONNX Runtime's int8 kernels saturate here (ort_exactness)
 
     def line(self) -> str:
         float_layers = f"; {len(self.notes)} in float (see notes)" if self.notes else ""
@@ -51,7 +53,7 @@ class ExportResult:
     def to_dict(self) -> dict:
         out = {"path": str(self.path), "opset": self.opset, "layers": len(self.layers),
                "notes": self.notes, "external_data": self.external_data,
-               "dynamic_axes": self.dynamic_axes}
+               "dynamic_axes": self.dynamic_axes, "runtime_note": self.runtime_note}
         for key in ("fusion", "parity"):
             value = getattr(self, key)
             if value is not None:
@@ -126,7 +128,8 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
     if notes:
         program.model.metadata_props["quantwise.float_layers"] = json.dumps(notes)
     external = _save(program, path)
-    return ExportResult(path, opset, layers, notes, external, axes)
+    return ExportResult(path, opset, layers, notes, external, axes,
+                        runtime_note=saturation_note(model))
 
 
 def _export(twin: nn.Module, args: tuple, kwargs: dict, shapes: Any, opset: int):
