@@ -1,7 +1,7 @@
 """Weight-only Linears at 1-8 rows (LLM decoding): a compiled GEMV that reads the int8 / int4
-codes once, dequantizes each row into an L1-resident float32 buffer (the values
-numerics.dequantize gives) and dots it with every activation row (csrc/gemv.c), so it moves
-1 or 0.5 byte per weight.
+codes once, converts them to float32 in registers and multiplies them into float32
+accumulators, applying the scales per output row (int8) or per block of 32 codes (int4)
+(csrc/gemv.c), so it moves 1 or 0.5 byte per weight.
 
 Why: at batch 1-8 a Linear is bound by the bytes of its weight, and no torch CPU op multiplies
 float32 activations by int8/int4 weights at float32 accuracy at that speed on every CPU:
@@ -11,8 +11,12 @@ AVX2-only EPYC). The C file has no torch headers: `cc -O3 -shared` builds it in 
 second at first use, into the probe's cache folder; the AVX2 + FMA functions run only where the
 CPU's flags have both, and only where the probe measured them faster than the layer's other
 kernel at one row (QUANTWISE_GEMV=on skips that timing, =off never uses the GEMV). No compiler
-or another CPU: the layer keeps its other kernel. Rows are split over torch.get_num_threads() threads (ctypes releases the GIL).
-Accumulation is float32 like F.linear's, in another order (scale applied per row or group).
+or another CPU: the layer keeps its other kernel. Output columns are split over
+torch.get_num_threads() OpenMP threads for layers of 32K+ multiply-adds; built with -fopenmp the
+library uses the libgomp torch has loaded, i.e. torch's own threads (a Python thread pool was
+tried: its hand-off cost ~45 us and its threads fought torch's spinning OpenMP threads for the
+cores, 2-4x slower at 4096 x 4096 right after a torch op).
+Accumulation is float32 like F.linear's, in another order.
 """
 
 from __future__ import annotations
@@ -24,7 +28,6 @@ import os
 import platform
 import subprocess
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional
 
@@ -38,22 +41,29 @@ MAX_ROWS = 8
 _F, _I = ctypes.c_void_p, ctypes.c_int
 
 
+def library_tag() -> str:
+    """The C source's and compiler's hash: names the built library and the probe's timings."""
+    return hashlib.sha1(_SRC.read_bytes() + os.environ.get("CC", "cc").encode()).hexdigest()[:12]
+
+
 @functools.cache
 def library() -> tuple[Optional[ctypes.CDLL], str]:
     """(the compiled library or None, why not)."""
     flags = _cpuinfo()[1]
     if platform.machine().lower() not in ("x86_64", "amd64") or not {"avx2", "fma"} <= flags:
         return None, "the compiled GEMV needs an x86-64 CPU with AVX2 and FMA"
-    source = _SRC.read_bytes()
     cc = os.environ.get("CC", "cc")
-    out = cache_dir() / f"gemv-{hashlib.sha1(source + cc.encode()).hexdigest()[:12]}.so"
+    out = cache_dir() / f"gemv-{library_tag()}.so"
     if not out.exists():
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
             os.close(fd)
-            subprocess.run([cc, "-O3", "-shared", "-fPIC", "-o", tmp, str(_SRC)], check=True,
-                           capture_output=True, timeout=120)
+            base = [cc, "-O3", "-shared", "-fPIC", "-Wno-unknown-pragmas", "-o", tmp, str(_SRC)]
+            try:  # OpenMP: the GEMV then runs on torch's own (already loaded) OpenMP threads
+                subprocess.run(base + ["-fopenmp"], check=True, capture_output=True, timeout=120)
+            except subprocess.CalledProcessError:  # no libgomp to link: one thread per call
+                subprocess.run(base, check=True, capture_output=True, timeout=120)
             os.replace(tmp, out)  # atomic: a concurrent build never loads half a file
         except (OSError, subprocess.SubprocessError) as exc:
             return None, f"could not build the GEMV ({type(exc).__name__}: {str(exc)[:120]})"
@@ -61,19 +71,11 @@ def library() -> tuple[Optional[ctypes.CDLL], str]:
         lib = ctypes.CDLL(str(out))
     except OSError as exc:
         return None, f"could not load the GEMV ({exc})"
-    lib.qw_gemv_i8.argtypes = [_F, _I, _I, _F, _F, _F, _F, _I, _I, _I, _F]
-    lib.qw_gemv_i4.argtypes = [_F, _I, _I, _F, _F, _I, _F, _F, _I, _I, _I, _F]
+    lib.qw_gemv_i8.argtypes = [_F, _I, _I, _F, _F, _F, _F, _I, _I]
+    lib.qw_gemv_i4.argtypes = [_F, _I, _I, _F, _F, _I, _F, _F, _I, _I]
     lib.qw_gemv_i8.restype = lib.qw_gemv_i4.restype = None
+    lib.openmp = bool(lib.qw_openmp())  # built with OpenMP: calls may use several threads
     return lib, ""
-
-
-@functools.cache
-def _pool(threads: int) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=threads, thread_name_prefix="quantwise-gemv")
-
-
-def _ptr(t: Optional[torch.Tensor]):
-    return None if t is None else ctypes.c_void_p(t.data_ptr())
 
 
 def blocked_int4(codes: torch.Tensor) -> torch.Tensor:
@@ -110,39 +112,29 @@ class WeightOnlyGemv:
         """x2: contiguous float32 [M, K] with M <= 8."""
         m, n, k = x2.shape[0], self.out_features, self.in_features
         y = torch.empty(m, n)
-        # small layers: one thread (handing work to the pool costs more than it saves)
-        threads = 1 if n * k * max(m, 2) < (1 << 21) else min(torch.get_num_threads(), n // 64)
-        threads = max(threads, 1)
-        bounds = [n * i // threads for i in range(threads + 1)]
-        scratch = self._scratch(threads)
-        if self.bits == 8:
-            def run(t, lo, hi):
-                self.lib.qw_gemv_i8(_ptr(x2), m, k, _ptr(self.codes), _ptr(self.scale),
-                                    _ptr(self.bias), _ptr(y), n, lo, hi, _ptr(scratch[t]))
-        else:
-            def run(t, lo, hi):
-                self.lib.qw_gemv_i4(_ptr(x2), m, k, _ptr(self.codes), _ptr(self.scale),
-                                    self.group, _ptr(self.bias), _ptr(y), n, lo, hi,
-                                    _ptr(scratch[t]))
-        if threads == 1:
-            run(0, 0, n)
-        else:
-            futures = [_pool(threads).submit(run, i, bounds[i], bounds[i + 1])
-                       for i in range(1, threads)]
-            run(0, bounds[0], bounds[1])
-            for f in futures:
-                f.result()
+        # small layers: one thread (waking a second costs more than it saves)
+        threads = 1 if n * k * m < (1 << 15) or not self.lib.openmp else max(
+            1, min(torch.get_num_threads(), n // 64))
+        fn, head = self._call_args()
+        fn(x2.data_ptr(), m, k, *head, y.data_ptr(), n, threads)
         return y
 
-    def _scratch(self, threads: int) -> list[torch.Tensor]:
-        """One K-float row buffer per thread (torch's CPU allocations are 64-byte aligned)."""
-        bufs = self.__dict__.setdefault("_bufs", [])
-        while len(bufs) < threads:
-            bufs.append(torch.empty(self.in_features))
-        return bufs
+    def _call_args(self):
+        """The C function and its weight arguments as plain ints (built once: a call of a small
+        layer is a few microseconds, and wrapping pointers per call cost a third of it)."""
+        cached = self.__dict__.get("_args")
+        if cached is None:
+            bias = None if self.bias is None else self.bias.data_ptr()
+            if self.bits == 8:
+                cached = (self.lib.qw_gemv_i8, (self.codes.data_ptr(), self.scale.data_ptr(), bias))
+            else:
+                cached = (self.lib.qw_gemv_i4, (self.codes.data_ptr(), self.scale.data_ptr(),
+                                                self.group, bias))
+            self._args = cached
+        return cached
 
-    def __getstate__(self) -> dict:  # deepcopy: the library handle and buffers are per process
-        state = {k: v for k, v in self.__dict__.items() if k not in ("lib", "_bufs")}
+    def __getstate__(self) -> dict:  # deepcopy: the library handle and pointers are per process
+        state = {k: v for k, v in self.__dict__.items() if k not in ("lib", "_args")}
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -166,9 +158,15 @@ class FewRowsLinear:
         self.speed_vs_fp32 = getattr(base, "speed_vs_fp32", None)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.float32:
+            return self.base(x)
+        if x.dim() == 2:  # the decoding case: no reshapes (a call here is a few microseconds)
+            if 0 < x.shape[0] <= MAX_ROWS:
+                return self.gemv(x if x.is_contiguous() else x.contiguous())
+            return self.base(x)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        if 0 < x2.shape[0] <= MAX_ROWS and x.dtype == torch.float32:
+        if 0 < x2.shape[0] <= MAX_ROWS:
             return self.gemv(x2.contiguous()).reshape(*lead, self.out_features)
         return self.base(x)
 
@@ -195,7 +193,8 @@ def with_gemv(base, codes: torch.Tensor, scale: torch.Tensor, bits: int, group: 
         w = torch.randn(n, k)
         return {"fp32": lambda: F.linear(x, w), "base": lambda: base(x), "gemv": lambda: gemv(x)}
 
-    times = probe().timings(f"gemv-{type(base).__name__}-int{bits}-g{group}-{n}x{k}", fns)
+    key = f"gemv-{library_tag()}-{type(base).__name__}-int{bits}-g{group}-{n}x{k}"
+    times = probe().timings(key, fns)  # keyed by the C source too: a new kernel is re-timed
     if "gemv" in times and times["gemv"] < times.get("base", float("inf")):
         return FewRowsLinear(base, gemv)
     return base

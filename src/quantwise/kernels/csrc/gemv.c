@@ -1,14 +1,19 @@
 /* Weight-only GEMV for a few rows of float32 activations (LLM decoding, batch 1-8): int8 or
- * int4 weight codes are read once per output row, dequantized into a float32 row buffer that
- * stays in L1 (code * scale: the very values numerics.dequantize gives), and dotted with each
- * activation row. The weight traffic is 1 or 0.5 byte per weight instead of 4. Plain C, no
- * torch headers (builds in under a second at first use); the AVX2 + FMA paths are compiled
- * with a function target attribute and only called on CPUs whose flags have avx2 and fma
- * (kernels/gemv.py checks).
+ * int4 weight codes are read once, converted to float32 in registers and multiplied into
+ * float32 accumulators; the scale is applied once per output (int8, one scale per row) or once
+ * per block of 32 codes (int4, per-group scales). The weight traffic is 1 or 0.5 byte per
+ * weight instead of 4. Plain C, no torch headers (builds in under a second at first use); the
+ * AVX2 + FMA paths are compiled with a function target attribute and only called on CPUs whose
+ * flags have avx2 and fma (kernels/gemv.py checks).
  *
- * y[m, n] = sum_k x[m, k] * (w[n, k] * scale) + bias[n], for rows [n0, n1) only: the caller
- * splits N over threads (ctypes releases the GIL) and gives each call its own 32-byte aligned
- * scratch row `buf` of K floats.
+ * y[m, n] = sum_k x[m, k] * w[n, k] * scale + bias[n], the N output columns split over
+ * `threads` threads (below).
+ *
+ * Blocking: `rows` weight rows x `mr` activation rows per pass (rows * mr <= 8 accumulators),
+ * so each converted weight vector feeds mr FMAs and the 8 accumulator chains overlap (a single
+ * row at a time waited on the latency of its conversions and horizontal sum; a row buffer
+ * written and re-read cost as much again). A (weight row, activation row) result is computed
+ * by the same instructions whatever `rows` is, so a thread split never changes a result.
  */
 #include <stdint.h>
 #include <immintrin.h>
@@ -22,95 +27,140 @@ static inline float hsum(__m256 v) {
 }
 
 __attribute__((target("avx2,fma")))
-static float dot(const float *x, const float *w, int k) {
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    int j = 0;
-    for (; j + 32 <= k; j += 32) {
-        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + j), _mm256_load_ps(w + j), a0);
-        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + j + 8), _mm256_load_ps(w + j + 8), a1);
-        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(x + j + 16), _mm256_load_ps(w + j + 16), a2);
-        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(x + j + 24), _mm256_load_ps(w + j + 24), a3);
-    }
-    for (; j < k; j += 8)
-        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + j), _mm256_load_ps(w + j), a0);
-    return hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+static inline __m256 cvt8(const int8_t *p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
 }
 
-/* four activation rows at once: each weight vector is loaded once for all four */
+/* int8 codes w [N, K] (K % 8 == 0): outputs r..r+rows-1 of activation rows 0..mr-1 of x */
 __attribute__((target("avx2,fma")))
-static void dot4(const float *x, int k, const float *w, float *out) {
-    __m256 a[4][2];
-    for (int i = 0; i < 4; i++) a[i][0] = a[i][1] = _mm256_setzero_ps();
-    int j = 0;
-    for (; j + 16 <= k; j += 16) {
-        __m256 w0 = _mm256_load_ps(w + j), w1 = _mm256_load_ps(w + j + 8);
-        for (int i = 0; i < 4; i++) {
-            const float *xr = x + (int64_t)i * k + j;
-            a[i][0] = _mm256_fmadd_ps(_mm256_loadu_ps(xr), w0, a[i][0]);
-            a[i][1] = _mm256_fmadd_ps(_mm256_loadu_ps(xr + 8), w1, a[i][1]);
+static inline void i8_block(const float *x, int k, const int8_t *w, const float *scale,
+                            const float *bias, float *y, int n, int r, const int rows,
+                            const int mr) {
+    __m256 acc[4][4];
+    for (int t = 0; t < rows; t++)
+        for (int i = 0; i < mr; i++) acc[t][i] = _mm256_setzero_ps();
+    const int8_t *w0 = w + (int64_t)r * k;
+    for (int j = 0; j < k; j += 8) {
+        __m256 xv[4];
+        for (int i = 0; i < mr; i++) xv[i] = _mm256_loadu_ps(x + (int64_t)i * k + j);
+        for (int t = 0; t < rows; t++) {
+            __m256 c = cvt8(w0 + (int64_t)t * k + j);
+            for (int i = 0; i < mr; i++) acc[t][i] = _mm256_fmadd_ps(xv[i], c, acc[t][i]);
         }
     }
-    for (; j < k; j += 8) {
-        __m256 w0 = _mm256_load_ps(w + j);
-        for (int i = 0; i < 4; i++)
-            a[i][0] = _mm256_fmadd_ps(_mm256_loadu_ps(x + (int64_t)i * k + j), w0, a[i][0]);
-    }
-    for (int i = 0; i < 4; i++) out[i] = hsum(_mm256_add_ps(a[i][0], a[i][1]));
+    for (int t = 0; t < rows; t++)
+        for (int i = 0; i < mr; i++) {
+            float v = hsum(acc[t][i]) * scale[r + t];
+            y[(int64_t)i * n + r + t] = bias ? v + bias[r + t] : v;
+        }
 }
 
+/* the 32 int4 codes of a block as 4 vectors of 8 floats. Layout (kernels/gemv.py
+ * blocked_int4): byte b of a block holds code b in its low nibble and code b + 16 in its high
+ * nibble, as (code + 8) in 0..15. */
 __attribute__((target("avx2,fma")))
-static void rows_out(const float *x, int m, int k, const float *buf, const float *bias,
-                     float *y, int n, int r) {
-    int i = 0;
-    for (; i + 4 <= m; i += 4) {
-        float v[4];
-        dot4(x + (int64_t)i * k, k, buf, v);
-        for (int t = 0; t < 4; t++) y[(int64_t)(i + t) * n + r] = bias ? v[t] + bias[r] : v[t];
-    }
-    for (; i < m; i++) {
-        float v = dot(x + (int64_t)i * k, buf, k);
-        y[(int64_t)i * n + r] = bias ? v + bias[r] : v;
-    }
+static inline void cvt32(const uint8_t *p, __m256 out[4]) {
+    const __m128i mask = _mm_set1_epi8(0x0F), eight = _mm_set1_epi8(8);
+    __m128i b = _mm_loadu_si128((const __m128i *)p);
+    __m128i lo = _mm_sub_epi8(_mm_and_si128(b, mask), eight);
+    __m128i hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(b, 4), mask), eight);
+    out[0] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo));
+    out[1] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8)));
+    out[2] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi));
+    out[3] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8)));
 }
 
-/* int8 codes w [N, K] (K % 8 == 0), one scale per row n. */
+/* int4 codes packed [N, K/2] in blocks of 32, scale [N, K / group] (group % 32 == 0) */
+__attribute__((target("avx2,fma")))
+static inline void i4_block(const float *x, int k, const uint8_t *w, const float *scale,
+                            int group, const float *bias, float *y, int n, int r,
+                            const int rows, const int mr) {
+    const int groups = k / group;
+    __m256 acc[4][4];
+    for (int t = 0; t < rows; t++)
+        for (int i = 0; i < mr; i++) acc[t][i] = _mm256_setzero_ps();
+    for (int j = 0; j < k; j += 32) {
+        for (int t = 0; t < rows; t++) {
+            const int64_t row = r + t;
+            __m256 c[4];
+            cvt32(w + row * (k / 2) + j / 2, c);
+            const __m256 s = _mm256_set1_ps(scale[row * groups + j / group]);
+            for (int i = 0; i < mr; i++) {
+                const float *xi = x + (int64_t)i * k + j;
+                __m256 p = _mm256_fmadd_ps(_mm256_loadu_ps(xi + 8), c[1],
+                                           _mm256_mul_ps(_mm256_loadu_ps(xi), c[0]));
+                __m256 q = _mm256_fmadd_ps(_mm256_loadu_ps(xi + 24), c[3],
+                                           _mm256_mul_ps(_mm256_loadu_ps(xi + 16), c[2]));
+                acc[t][i] = _mm256_fmadd_ps(_mm256_add_ps(p, q), s, acc[t][i]);
+            }
+        }
+    }
+    for (int t = 0; t < rows; t++)
+        for (int i = 0; i < mr; i++) {
+            float v = hsum(acc[t][i]);
+            y[(int64_t)i * n + r + t] = bias ? v + bias[r + t] : v;
+        }
+}
+
+/* Activation rows in blocks of 4 (2 weight rows each), then 2 (4 weight rows), then 1 (4). */
+#define SWEEP(BLOCK, ...)                                                                     \
+    do {                                                                                      \
+        int i = 0;                                                                            \
+        for (; i + 4 <= m; i += 4) {                                                          \
+            const float *xi = x + (int64_t)i * k;                                             \
+            float *yi = y + (int64_t)i * n;                                                   \
+            int r = n0;                                                                       \
+            for (; r + 2 <= n1; r += 2) BLOCK(xi, k, __VA_ARGS__, yi, n, r, 2, 4);            \
+            for (; r < n1; r++) BLOCK(xi, k, __VA_ARGS__, yi, n, r, 1, 4);                    \
+        }                                                                                     \
+        for (; i + 2 <= m; i += 2) {                                                          \
+            const float *xi = x + (int64_t)i * k;                                             \
+            float *yi = y + (int64_t)i * n;                                                   \
+            int r = n0;                                                                       \
+            for (; r + 4 <= n1; r += 4) BLOCK(xi, k, __VA_ARGS__, yi, n, r, 4, 2);            \
+            for (; r < n1; r++) BLOCK(xi, k, __VA_ARGS__, yi, n, r, 1, 2);                    \
+        }                                                                                     \
+        for (; i < m; i++) {                                                                  \
+            const float *xi = x + (int64_t)i * k;                                             \
+            float *yi = y + (int64_t)i * n;                                                   \
+            int r = n0;                                                                       \
+            for (; r + 4 <= n1; r += 4) BLOCK(xi, k, __VA_ARGS__, yi, n, r, 4, 1);            \
+            for (; r < n1; r++) BLOCK(xi, k, __VA_ARGS__, yi, n, r, 1, 1);                    \
+        }                                                                                     \
+    } while (0)
+
+/* Output columns [0, n) split over `threads` OpenMP threads. Built with -fopenmp, the library
+ * needs libgomp.so.1, which torch has already loaded: the GEMV runs on torch's own OpenMP
+ * threads (still spinning after torch's last op), not on a second pool competing for the same
+ * cores. Built without OpenMP, it runs on the calling thread. */
+#define SPLIT(CALL)                                                                           \
+    do {                                                                                      \
+        _Pragma("omp parallel num_threads(threads) if (threads > 1)")                         \
+        {                                                                                     \
+            int t = 0, nt = 1;                                                                \
+            OMP_IDS(t, nt);                                                                   \
+            const int n0 = (int)((int64_t)n * t / nt), n1 = (int)((int64_t)n * (t + 1) / nt); \
+            CALL;                                                                             \
+        }                                                                                     \
+    } while (0)
+
+#ifdef _OPENMP
+#include <omp.h>
+#define OMP_IDS(t, nt) (t = omp_get_thread_num(), nt = omp_get_num_threads())
+int qw_openmp(void) { return 1; }
+#else
+#define OMP_IDS(t, nt) ((void)0)
+int qw_openmp(void) { return 0; }
+#endif
+
 __attribute__((target("avx2,fma")))
 void qw_gemv_i8(const float *x, int m, int k, const int8_t *w, const float *scale,
-                const float *bias, float *y, int n, int n0, int n1, float *buf) {
-    for (int r = n0; r < n1; r++) {
-        const int8_t *wr = w + (int64_t)r * k;
-        __m256 s = _mm256_set1_ps(scale[r]);
-        for (int j = 0; j < k; j += 8) {
-            __m128i c = _mm_loadl_epi64((const __m128i *)(wr + j));
-            _mm256_store_ps(buf + j, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(c)), s));
-        }
-        rows_out(x, m, k, buf, bias, y, n, r);
-    }
+                const float *bias, float *y, int n, int threads) {
+    SPLIT(SWEEP(i8_block, w, scale, bias));
 }
 
-/* int4 codes in blocks of 32 (K % group == 0, group % 32 == 0): byte b of a block holds code b
- * in its low nibble and code b + 16 in its high nibble, as (code + 8) in 0..15; packed [N, K/2],
- * scale [N, K / group]. */
 __attribute__((target("avx2,fma")))
 void qw_gemv_i4(const float *x, int m, int k, const uint8_t *w, const float *scale, int group,
-                const float *bias, float *y, int n, int n0, int n1, float *buf) {
-    const __m128i mask = _mm_set1_epi8(0x0F), eight = _mm_set1_epi8(8);
-    const int groups = k / group;
-    for (int r = n0; r < n1; r++) {
-        const uint8_t *wr = w + (int64_t)r * (k / 2);
-        const float *sr = scale + (int64_t)r * groups;
-        for (int j = 0; j < k; j += 32) {
-            __m256 s = _mm256_set1_ps(sr[j / group]);
-            __m128i b = _mm_loadu_si128((const __m128i *)(wr + j / 2));
-            __m128i lo = _mm_sub_epi8(_mm_and_si128(b, mask), eight);
-            __m128i hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(b, 4), mask), eight);
-            _mm256_store_ps(buf + j, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo)), s));
-            _mm256_store_ps(buf + j + 8, _mm256_mul_ps(
-                _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8))), s));
-            _mm256_store_ps(buf + j + 16, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi)), s));
-            _mm256_store_ps(buf + j + 24, _mm256_mul_ps(
-                _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8))), s));
-        }
-        rows_out(x, m, k, buf, bias, y, n, r);
-    }
+                const float *bias, float *y, int n, int threads) {
+    SPLIT(SWEEP(i4_block, w, scale, group, bias));
 }
