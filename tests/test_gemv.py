@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -111,3 +113,17 @@ def test_gemv_layers_copy_save_and_reload(tmp_path, monkeypatch):
             assert torch.equal(copy.deepcopy(q)(x), y)
             quantwise.save(q, tmp_path / preset)
             assert torch.equal(quantwise.load(tmp_path / preset, model=model)(x), y)
+
+
+@needs_gemv
+def test_gemv_shares_torchs_openmp_runtime():
+    """Built with OpenMP, the library must use the libgomp torch loaded (one runtime, one pool of
+    threads): a second copy would compete with torch's spinning threads for the cores."""
+    lib = library()[0]
+    if not lib.openmp:
+        pytest.skip("GEMV built without OpenMP here (no libgomp to link)")
+    maps = Path("/proc/self/maps")
+    if not maps.exists():
+        pytest.skip("no /proc/self/maps")
+    gomp = {line.split()[-1] for line in maps.read_text().splitlines() if "libgomp" in line}
+    assert len(gomp) == 1, gomp

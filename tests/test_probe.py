@@ -155,3 +155,26 @@ def test_quality_on_the_avx2_code_paths():
     assert result["isa"].startswith("avx2"), result["isa"]
     assert all(v == PAIRS for v in result["accumulation"].values()) or "avx2" == probe_mod.cpu_isa()
     _check_quality(result, minilm=True)
+
+
+def test_a_slow_first_call_is_a_warm_up_not_the_timing():
+    """One-time costs (a thread pool, FBGEMM's setup) must not decide a kernel choice; only a
+    candidate whose first call is over 50 ms and 8x the fastest is left untimed."""
+    import time
+
+    calls = {"warm": 0}
+
+    def fast():
+        return None
+
+    def warm():  # 20 ms once, then as fast as `fast`
+        calls["warm"] += 1
+        if calls["warm"] == 1:
+            time.sleep(0.02)
+
+    def scalar():  # always slow: timed once only
+        time.sleep(0.06)
+
+    out = probe_mod._time_candidates({"fast": fast, "warm": warm, "scalar": scalar})
+    assert out["warm"] < 5.0 and calls["warm"] > 2
+    assert out["scalar"] >= 60.0
