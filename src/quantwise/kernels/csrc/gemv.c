@@ -148,9 +148,12 @@ static inline void i4_block(const float *x, int k, const uint8_t *w, const float
 #include <omp.h>
 #define OMP_IDS(t, nt) (t = omp_get_thread_num(), nt = omp_get_num_threads())
 int qw_openmp(void) { return 1; }
+/* which OpenMP runtime the loader bound (tests: it must be the one torch loaded) */
+void *qw_omp_symbol(void) { return (void *)&omp_get_num_threads; }
 #else
 #define OMP_IDS(t, nt) ((void)0)
 int qw_openmp(void) { return 0; }
+void *qw_omp_symbol(void) { return 0; }
 #endif
 
 __attribute__((target("avx2,fma")))
