@@ -102,31 +102,23 @@ static inline void i4_block(const float *x, int k, const uint8_t *w, const float
         }
 }
 
+/* One block of MR activation rows (from row i): weight rows RB at a time, then the rest singly */
+#define ROWS(BLOCK, MR, RB, ...)                                                              \
+    do {                                                                                      \
+        const float *xi = x + (int64_t)i * k;                                                 \
+        float *yi = y + (int64_t)i * n;                                                       \
+        int r = n0;                                                                           \
+        for (; r + RB <= n1; r += RB) BLOCK(xi, k, __VA_ARGS__, yi, n, r, RB, MR);            \
+        for (; r < n1; r++) BLOCK(xi, k, __VA_ARGS__, yi, n, r, 1, MR);                       \
+    } while (0)
+
 /* Activation rows in blocks of 4 (2 weight rows each), then 2 (4 weight rows), then 1 (4). */
 #define SWEEP(BLOCK, ...)                                                                     \
     do {                                                                                      \
         int i = 0;                                                                            \
-        for (; i + 4 <= m; i += 4) {                                                          \
-            const float *xi = x + (int64_t)i * k;                                             \
-            float *yi = y + (int64_t)i * n;                                                   \
-            int r = n0;                                                                       \
-            for (; r + 2 <= n1; r += 2) BLOCK(xi, k, __VA_ARGS__, yi, n, r, 2, 4);            \
-            for (; r < n1; r++) BLOCK(xi, k, __VA_ARGS__, yi, n, r, 1, 4);                    \
-        }                                                                                     \
-        for (; i + 2 <= m; i += 2) {                                                          \
-            const float *xi = x + (int64_t)i * k;                                             \
-            float *yi = y + (int64_t)i * n;                                                   \
-            int r = n0;                                                                       \
-            for (; r + 4 <= n1; r += 4) BLOCK(xi, k, __VA_ARGS__, yi, n, r, 4, 2);            \
-            for (; r < n1; r++) BLOCK(xi, k, __VA_ARGS__, yi, n, r, 1, 2);                    \
-        }                                                                                     \
-        for (; i < m; i++) {                                                                  \
-            const float *xi = x + (int64_t)i * k;                                             \
-            float *yi = y + (int64_t)i * n;                                                   \
-            int r = n0;                                                                       \
-            for (; r + 4 <= n1; r += 4) BLOCK(xi, k, __VA_ARGS__, yi, n, r, 4, 1);            \
-            for (; r < n1; r++) BLOCK(xi, k, __VA_ARGS__, yi, n, r, 1, 1);                    \
-        }                                                                                     \
+        for (; i + 4 <= m; i += 4) ROWS(BLOCK, 4, 2, __VA_ARGS__);                            \
+        for (; i + 2 <= m; i += 2) ROWS(BLOCK, 2, 4, __VA_ARGS__);                            \
+        for (; i < m; i++) ROWS(BLOCK, 1, 4, __VA_ARGS__);                                    \
     } while (0)
 
 /* Output columns [0, n) split over `threads` OpenMP threads. Built with -fopenmp, the library
