@@ -169,3 +169,8 @@ def test_export_writes_checks_and_reports(tmp_path, capsys):
     assert main(["export", str(out)]) == 2
     assert main(["export", str(out), "--overwrite", "--max-rel-err", "1e-9", "--no-per-layer"]) == 1
     assert "FAIL" in capsys.readouterr().out
+    # uint8 weights (exact where ONNX Runtime's u8 x s8 kernels saturate): same fusion and parity
+    assert main(["export", str(out), "--overwrite", "--weight-dtype", "uint8", "--json"]) == 0
+    unsigned = json.loads(capsys.readouterr().out)
+    assert unsigned["weight_dtype"] == "uint8" and "uint8" in unsigned["runtime_note"]
+    assert unsigned["fusion"]["conv_int8"] == 2 and unsigned["parity"]["ok"]

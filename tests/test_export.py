@@ -251,9 +251,50 @@ def test_export_warns_where_onnx_runtime_saturates(tmp_path, monkeypatch):
     note = ort_exactness.saturation_note(qmodel)
     assert (note is not None) == (wide > 64)
     if note:
-        assert "7-bit weights" in note
+        assert "7-bit weights" in note and "--weight-dtype uint8" in note
     with torch.no_grad():
         layer.weight.copy_(layer.weight.clamp(-64, 64))  # what quantize() makes on such a CPU
     assert ort_exactness.saturation_note(qmodel) is None
     result = export_onnx(qmodel, calib[0], tmp_path / "m.onnx")
     assert result.runtime_note is None and "runtime_note" in result.to_dict()
+
+
+@pytest.mark.parametrize("preset", ["w8a8", "w8a8-dynamic"])
+def test_export_writes_exact_uint8_weights_where_onnx_runtime_saturates(preset, tmp_path, monkeypatch):
+    """Where ONNX Runtime's u8 x s8 kernels only sum int16 pairs, "auto" writes the 8-bit
+    weights as uint8 codes + 128 with zero point 128: the same values, run by its exact
+    u8 x u8 kernels, still fused into integer ops, with the same outputs as the int8 file."""
+    from quantwise.export import ort_exactness
+    from quantwise.kernels.probe import PAIRS
+
+    torch.manual_seed(0)
+    model = MLP().eval()
+    calib = [torch.randn(8, 16) for _ in range(2)]
+    qmodel = quantwise.quantize(model, preset, calib, progress=False)
+    assert ort_exactness.widest_code(qmodel) > 64
+    signed = export_onnx(qmodel, calib[0], tmp_path / "s8.onnx", weight_dtype="int8")
+    monkeypatch.setattr(ort_exactness, "ort_accumulation", lambda: PAIRS)
+    if not ort_exactness.ort_unsigned_exact():
+        pytest.skip("ONNX Runtime's u8 x u8 MatMulInteger is not exact on this CPU either")
+    result = export_onnx(qmodel, calib[0], tmp_path / "u8.onnx")
+    assert result.weight_dtype == "uint8" and "u8 x u8" in result.runtime_note
+    assert signed.weight_dtype == "int8"
+    proto = onnx.load(str(result.path))
+    kinds = {onnx.helper.tensor_dtype_to_np_dtype(t.data_type) for t in proto.graph.initializer
+             if len(t.dims) == 2}
+    assert np.dtype(np.uint8) in kinds and np.dtype(np.int8) not in kinds
+    fused_s8, fused_u8 = fusion_report(signed.path), fusion_report(result.path)
+    assert fused_u8.line() == fused_s8.line() and fused_u8.matmul_int8 == fused_u8.matmul_total > 0
+    x = torch.randn(16, 16)
+    a, b = _run(signed.path, x), _run(result.path, x)
+    with torch.no_grad():
+        ref = qmodel(x)
+    assert np.array_equal(a, b)
+    assert _rel(b, ref) < 1e-2
+
+
+def test_export_refuses_an_unknown_weight_dtype(tmp_path):
+    qmodel = quantwise.quantize(MLP().eval(), "w8a8", [torch.randn(8, 16)], progress=False)
+    with pytest.raises(quantwise.ConfigError, match="weight_dtype"):
+        export_onnx(qmodel, torch.randn(2, 16), tmp_path / "m.onnx", weight_dtype="u4")
+    assert not (tmp_path / "m.onnx").exists()

@@ -224,7 +224,7 @@ def _source(model_ref: str) -> str:
 def run_export_job(folder: str | Path, out: str | Path | None = None, model_ref: str | None = None,
                    data: str | None = None, max_rel_err: float = 1e-2, batches: int = 4,
                    per_layer: bool = True, overwrite: bool = False, opset: int = 18,
-                   log: Callable[[str], None] = lambda _: None):
+                   log: Callable[[str], None] = lambda _: None, weight_dtype: str = "auto"):
     """Reload FOLDER, export it as ONNX QDQ, then prove the file: what ONNX Runtime fuses into
     integer kernels, and parity with the PyTorch quantized model on calibration samples."""
     from quantwise.export import export_onnx
@@ -241,7 +241,8 @@ def run_export_job(folder: str | Path, out: str | Path | None = None, model_ref:
                                "(a text file, or a folder of .npy / .safetensors inputs)")
     samples = load_calibration_data(spec, info)[:max(1, batches)]
     log(f"exporting to {out} (opset {opset})")
-    result = export_onnx(qmodel, samples[0], out, opset=opset, overwrite=overwrite)
+    result = export_onnx(qmodel, samples[0], out, opset=opset, overwrite=overwrite,
+                         weight_dtype=weight_dtype)
     log("reading what ONNX Runtime runs, then checking parity on "
         f"{len(samples)} batches from {spec!r}")
     result.fusion = fusion_report(out)

@@ -25,7 +25,7 @@ from torch import nn
 from quantwise._version import __version__
 from quantwise.errors import ModelLoadError, OutputPathError
 from quantwise.export import ops
-from quantwise.export.ort_exactness import saturation_note
+from quantwise.export.ort_exactness import choose_weight_dtype
 from quantwise.export.twin import LayerTwin, build_twin, layer_count
 from quantwise.modules import QuantizedLayer
 
@@ -43,7 +43,8 @@ class ExportResult:
     dynamic_axes: dict[str, list[int]] = field(default_factory=dict)
     fusion: Any = None                # check.FusionReport, when asked for
     parity: Any = None                # check.ParityReport, when asked for
-    runtime_note: str | None = None   # ONNX Runtime's int8 kernels saturate here (ort_exactness)
+    runtime_note: str | None = None   # ONNX Runtime's u8 x s8 kernels saturate here (ort_exactness)
+    weight_dtype: str = "int8"        # how 8-bit integer weights are stored: int8 or uint8 (+128)
 
     def line(self) -> str:
         float_layers = f"; {len(self.notes)} in float (see notes)" if self.notes else ""
@@ -53,7 +54,8 @@ class ExportResult:
     def to_dict(self) -> dict:
         out = {"path": str(self.path), "opset": self.opset, "layers": len(self.layers),
                "notes": self.notes, "external_data": self.external_data,
-               "dynamic_axes": self.dynamic_axes, "runtime_note": self.runtime_note}
+               "dynamic_axes": self.dynamic_axes, "runtime_note": self.runtime_note,
+               "weight_dtype": self.weight_dtype}
         for key in ("fusion", "parity"):
             value = getattr(self, key)
             if value is not None:
@@ -93,13 +95,18 @@ def _dynamic_shapes(args: tuple, kwargs: dict) -> tuple[Any, dict[str, list[int]
 
 
 def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, *,
-                opset: int = 18, dynamic: bool = True, overwrite: bool = False) -> ExportResult:
+                opset: int = 18, dynamic: bool = True, overwrite: bool = False,
+                weight_dtype: str = "auto") -> ExportResult:
     """Export a quantwise-quantized model as an ONNX QDQ graph (see the module docstring).
 
     `example_inputs`: one batch as the model takes it (tensor, tuple, or dict of keyword
     tensors). 4-bit weights that are not a MatMulNBits case (embeddings, convs, asymmetric)
-    are stored as INT4 tensors, which needs opset 21: the opset is raised to 21 for them. With `dynamic`, batch and sequence axes are left free. The file is written
-    atomically; an existing file is replaced only with `overwrite`.
+    are stored as INT4 tensors, which needs opset 21: the opset is raised to 21 for them. With
+    `dynamic`, batch and sequence axes are left free. `weight_dtype`: "int8", "uint8" (codes +
+    128, zero point 128: the same values, exact in ONNX Runtime's u8 x u8 kernels on CPUs whose
+    u8 x s8 kernels saturate) or "auto" (uint8 only where ONNX Runtime here is measured to
+    saturate on the model's codes; see ort_exactness). The file is written atomically; an
+    existing file is replaced only with `overwrite`.
     """
     path = Path(path)
     if path.suffix != ".onnx":
@@ -114,7 +121,12 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
         raise ModelLoadError("the model has no quantized layer: quantize it first "
                              "(quantwise.quantize) or export the float model with torch.onnx.export")
     args, kwargs = _as_call(example_inputs)
+    unsigned, runtime_note = choose_weight_dtype(model, weight_dtype)
     twin, paths, notes = build_twin(model)
+    if unsigned:
+        for m in twin.modules():
+            if isinstance(m, LayerTwin):
+                m.unsigned_weights()
     if opset < 21 and any(getattr(m, "mode", None) == "dq4" for m in twin.modules()):
         opset = 21  # INT4 tensors and blocked DequantizeLinear
     shapes, axes = _dynamic_shapes(args, kwargs) if dynamic else (None, {})
@@ -128,8 +140,8 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
     if notes:
         program.model.metadata_props["quantwise.float_layers"] = json.dumps(notes)
     external = _save(program, path)
-    return ExportResult(path, opset, layers, notes, external, axes,
-                        runtime_note=saturation_note(model))
+    return ExportResult(path, opset, layers, notes, external, axes, runtime_note=runtime_note,
+                        weight_dtype="uint8" if unsigned else "int8")
 
 
 def _export(twin: nn.Module, args: tuple, kwargs: dict, shapes: Any, opset: int):

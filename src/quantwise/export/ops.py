@@ -108,13 +108,15 @@ def dq_weight_onnx(codes, scale, zero_point, axis: int):
 
 @torch.library.custom_op("quantwise::dynamic_matmul", mutates_args=())
 def dynamic_matmul(x: torch.Tensor, codes_kn: torch.Tensor, w_scale: torch.Tensor,
-                   bias: Optional[torch.Tensor], per_token: bool, qmax: int) -> torch.Tensor:
+                   bias: Optional[torch.Tensor], per_token: bool, qmax: int,
+                   w_zero_point: int = 0) -> torch.Tensor:
+    """codes_kn: int8 codes, or uint8 codes + 128 with w_zero_point 128 (ort_exactness)."""
     k, n = codes_kn.shape
     x2 = x.reshape(-1, k).float()
     dims = 1 if per_token else (0, 1)
     s = x2.abs().amax(dim=dims, keepdim=True).div(qmax).clamp(min=TINY)
     q = torch.div(x2, s).round().clamp(-qmax, qmax)
-    acc = (q.double() @ codes_kn.double()).float()  # exact for any K an int32 GEMM can hold
+    acc = (q.double() @ (codes_kn.double() - w_zero_point)).float()  # exact for any K an int32 GEMM can hold
     y = acc * s * w_scale
     if bias is not None:
         y = y + bias
@@ -122,11 +124,12 @@ def dynamic_matmul(x: torch.Tensor, codes_kn: torch.Tensor, w_scale: torch.Tenso
 
 
 @dynamic_matmul.register_fake
-def _(x, codes_kn, w_scale, bias, per_token, qmax):
+def _(x, codes_kn, w_scale, bias, per_token, qmax, w_zero_point=0):
     return x.new_empty(*x.shape[:-1], codes_kn.shape[1], dtype=torch.float32)
 
 
-def dynamic_matmul_onnx(x, codes_kn, w_scale, bias, per_token: bool, qmax: int):
+def dynamic_matmul_onnx(x, codes_kn, w_scale, bias, per_token: bool, qmax: int,
+                        w_zero_point: int = 0):
     k = codes_kn.shape[0]
     lead = op.Shape(x, start=0, end=-1)
     x2 = op.Reshape(x, _const([-1, k], np.int64))
@@ -141,7 +144,8 @@ def dynamic_matmul_onnx(x, codes_kn, w_scale, bias, per_token: bool, qmax: int):
     q = op.Cast(op.Add(op.Clip(op.Round(op.Div(x2, s)), _const(-float(qmax), np.float32),
                                _const(float(qmax), np.float32)), _const(128.0, np.float32)),
                 to=onnx.TensorProto.UINT8)
-    acc = op.Cast(op.MatMulInteger(q, codes_kn, _const(128, np.uint8)), to=onnx.TensorProto.FLOAT)
+    zp = (_const(128, np.uint8),) + ((_const(w_zero_point, np.uint8),) if w_zero_point else ())
+    acc = op.Cast(op.MatMulInteger(q, codes_kn, *zp), to=onnx.TensorProto.FLOAT)
     y = op.Mul(op.Mul(acc, s), w_scale)
     if bias is not None:
         y = op.Add(y, bias)

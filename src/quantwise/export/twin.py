@@ -156,6 +156,18 @@ class LayerTwin(nn.Module):
         return "float", f"{fmt.value} embedding exported as a float32 table"
 
     # -- forward -------------------------------------------------------------------------------
+    def unsigned_weights(self) -> bool:
+        """Rewrite signed 8-bit integer weights as uint8 codes + 128 with zero point + 128: the
+        same values, for runtimes whose u8 x s8 kernels saturate (ort_exactness)."""
+        if self.mode not in ("dq", "dynamic") or self.codes.dtype != torch.int8:
+            return False
+        self.codes = (self.codes.to(torch.int16) + 128).to(torch.uint8)
+        if self.mode == "dynamic":
+            self.w_offset = 128
+        else:
+            self.w_zero_point = (self.w_zero_point.to(torch.int16) + 128).to(torch.uint8)
+        return True
+
     def weight_value(self) -> torch.Tensor:
         if self.mode == "dq":
             return _QDQ.dq_weight(self.codes, self.w_scale, self.w_zero_point, self.axis)
@@ -167,7 +179,8 @@ class LayerTwin(nn.Module):
         if self.kind == "embedding":
             return self._embed(x)
         if self.mode == "dynamic":
-            return _QDQ.dynamic_matmul(x, self.codes, self.w_scale, self.bias, self.per_token, self.qmax)
+            return _QDQ.dynamic_matmul(x, self.codes, self.w_scale, self.bias, self.per_token,
+                                       self.qmax, getattr(self, "w_offset", 0))
         if self.mode == "nbits":
             return _QDQ.matmul_nbits(x, self.packed, self.scales, self.bias, *self.nbits)
         if self.in_q is not None:
