@@ -45,6 +45,15 @@ def test_resnet_is_fused_with_uint8_edges(qresnet):
     assert "int8 graph path: 6 convs fused" in str(quantwise.summary(qresnet))
 
 
+def test_the_heavier_conv_absorbs_a_residual_add(qresnet):
+    """A downsample block's add has a conv on both sides: the 3x3 conv takes it (in-place sum
+    and ReLU), the 1x1 downsample writes codes with a zero point (the slower output form for
+    oneDNN's AVX2 int8 kernel, cheapest on the small conv)."""
+    fused = get_state(qresnet).graph.fused
+    assert "residual add" in fused["block2.conv2"]
+    assert "residual add" not in fused["block2.down.0"] and "uint8 out" in fused["block2.down.0"]
+
+
 def test_graph_matches_the_per_layer_path(resnet, qresnet):
     model, _, x = resnet
     per_layer = copy.deepcopy(qresnet)
