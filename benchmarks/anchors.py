@@ -75,7 +75,10 @@ def ov_system(name: str, path: Path, **info: Any) -> System:
     """OpenVINO's CPU plugin on the ONNX file `path`, INTRA_THREADS threads, latency hint. It
     bundles oneDNN and honours ONEDNN_MAX_CPU_ISA (measured: its int8 ResNet-18 takes 2x longer
     under =AVX2), but then fails to compile float32 graphs on an AVX-512 CPU ("Check
-    '!getSupportedPrimitiveDescriptors().empty()' failed"): those rows then read "failed"."""
+    '!getSupportedPrimitiveDescriptors().empty()' failed"): those rows then read "failed".
+    Precision hint f32: by default OpenVINO runs float parts in bf16 on CPUs with AVX-512 BF16
+    or AMX (not an fp32 row then, and measured slower for the int8 ResNet-18 under the AVX2
+    cap: 70.2 vs 66.7 ms, as it reorders to bf16), so the anchor gets its faster, exact setting."""
     import onnx
     import openvino as ov
 
@@ -87,13 +90,14 @@ def ov_system(name: str, path: Path, **info: Any) -> System:
     def load() -> None:
         core = ov.Core()
         core.set_property("CPU", {"INFERENCE_NUM_THREADS": INTRA_THREADS,
-                                  "PERFORMANCE_HINT": "LATENCY"})
+                                  "PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"})
         holder["model"] = core.compile_model(str(path), "CPU")
 
     def run(feeds: dict[str, Any]) -> list:
         return list(holder["model"](feeds).values())
 
     info["openvino"] = ov.__version__
+    info["openvino_precision"] = "f32"
     return System(name, run=run, prepare=lambda x: _feeds(x, names), load=load,
                   size_bytes=path.stat().st_size, size_note=".onnx file", info=info)
 

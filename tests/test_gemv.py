@@ -65,10 +65,13 @@ def test_int4_gemv_matches_the_simulation(m, n, k, group):
 
 @needs_gemv
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_thread_split_gives_identical_rows(threads):
+@pytest.mark.parametrize("m", [1, 2])
+def test_thread_split_gives_identical_rows(threads, m):
+    """513 x 256 x m >= 128K multiply-adds: split over the threads; every block shape (8 or 4
+    weight rows per pass, single rows at a thread's edge) computes a row the same way."""
     spec = QuantSpec(Format.INT8, granularity=PerChannel(0))
     codes, scale, _, _ = _quantized(513, 256, spec)
-    x = torch.randn(2, 256)
+    x = torch.randn(m, 256)
     gemv = WeightOnlyGemv(codes, scale, 8, 256, None)
     old = torch.get_num_threads()
     try:

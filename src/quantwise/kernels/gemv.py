@@ -12,7 +12,7 @@ second at first use, into the probe's cache folder; the AVX2 + FMA functions run
 CPU's flags have both, and only where the probe measured them faster than the layer's other
 kernel at one row (QUANTWISE_GEMV=on skips that timing, =off never uses the GEMV). No compiler
 or another CPU: the layer keeps its other kernel. Output columns are split over
-torch.get_num_threads() OpenMP threads for layers of 32K+ multiply-adds; built with -fopenmp the
+torch.get_num_threads() OpenMP threads for layers of 128K+ multiply-adds; built with -fopenmp the
 library uses the libgomp torch has loaded, i.e. torch's own threads (a Python thread pool was
 tried: its hand-off cost ~45 us and its threads fought torch's spinning OpenMP threads for the
 cores, 2-4x slower at 4096 x 4096 right after a torch op).
@@ -112,8 +112,9 @@ class WeightOnlyGemv:
         """x2: contiguous float32 [M, K] with M <= 8."""
         m, n, k = x2.shape[0], self.out_features, self.in_features
         y = torch.empty(m, n)
-        # small layers: one thread (waking a second costs more than it saves)
-        threads = 1 if n * k * m < (1 << 15) or not self.lib.openmp else max(
+        # small layers: one thread (waking a second costs ~1-2 us: 256 x 256 ran 4.2 us on one
+        # thread, 5.0 on two; 384 x 384 7.0 and 4.8)
+        threads = 1 if n * k * m < (1 << 17) or not self.lib.openmp else max(
             1, min(torch.get_num_threads(), n // 64))
         fn, head = self._call_args()
         fn(x2.data_ptr(), m, k, *head, y.data_ptr(), n, threads)
