@@ -53,6 +53,26 @@ def test_int8_checkpoint_size_ratio(tmp_path, qdigits):
     assert ratio <= 0.27, ratio
 
 
+def test_seven_bit_weights_are_recorded_as_a_field_and_explained(tmp_path, digits, monkeypatch):
+    """On int16-pair CPUs int8 weights get codes within +-64: the record keeps that as a number
+    (the checkpoint stays as small as elsewhere: digits w8a8 must stay <= 0.26 of fp32), the
+    summary explains it, and a reload keeps it."""
+    from quantwise import workflow
+    from quantwise.evaluate import float_checkpoint_bytes, folder_bytes
+
+    model, calib, images, _ = digits
+    monkeypatch.setattr(workflow, "weight_code_limit", lambda kind, bits: 64)
+    qmodel = quantwise.quantize(model, "w8a8", calib[:4], progress=False)
+    quantized = quantwise.summary(qmodel).quantized
+    assert len(quantized) == 4 and all(r.code_limit == 64 for r in quantized)
+    assert all(int(qmodel.get_submodule(r.name).codes().abs().max()) <= 64 for r in quantized)
+    assert "limited to +-64 (7 bits)" in str(quantwise.summary(qmodel))
+    folder = quantwise.save(qmodel, tmp_path / "q")
+    assert folder_bytes(folder) / float_checkpoint_bytes(model) <= 0.26
+    reloaded = quantwise.load(folder, model=model)
+    assert [r.code_limit for r in quantwise.summary(reloaded).quantized] == [64] * 4
+
+
 def test_existing_output_refused_without_overwrite_and_kept(tmp_path, qdigits):
     _, qmodel, _ = qdigits
     out = tmp_path / "q"

@@ -27,6 +27,7 @@ class LayerRecord:
     reason: str | None = None      # why it stayed float, fell back, or changed spec
     seen: int = 0                  # activation values seen in calibration
     nonfinite: int = 0             # of which NaN/Inf (excluded from the range)
+    code_limit: int | None = None  # int8 weight codes limited to +-this (int16-pair CPUs)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -63,6 +63,10 @@ class Summary:
 
 def _note(record: LayerRecord) -> str:
     parts = [record.reason] if record.reason else []
+    if record.code_limit:
+        parts.insert(0, f"int8 weight codes limited to +-{record.code_limit} (7 bits): the CPU it "
+                        f"was quantized on adds u8 x s8 products in int16 pairs (no VNNI), which "
+                        f"saturates for full-range codes")
     if record.nonfinite:
         parts.append(f"{record.nonfinite} of {record.seen} calibration values non-finite (excluded)")
     return "; ".join(parts)

@@ -178,9 +178,7 @@ def convert(model: nn.Module, fuse: bool = True) -> nn.Module:
         if hasattr(obs, "freeze"):  # a QAT layer hands over its learned scales (qat.py)
             obs.freeze()
         record = state.records[obs.qname]
-        qlayer = _convert_layer(obs, record, tied, limits)
-        folded = [bn for conv, bn in state.folded if conv == obs.qname]
-        _note(record, f"{folded[0]} folded in" if folded else None)
+        qlayer = _convert_layer(obs, record, tied, limits)  # (a folded BatchNorm's own row says so)
         model.set_submodule(obs.qname, qlayer if qlayer is not None else obs.module)
     state.stage = "converted"
     if fuse:
@@ -239,10 +237,7 @@ def _convert_layer(obs: ObservedLayer, record: LayerRecord, tied: dict,
         owner = None
         w = weight.detach().float().contiguous()
         scale, zp = qparams_from_range(*tensor_range(w, spec), spec, code_limit=limit)
-        if limit is not None:
-            _note(record, f"int8 weight codes limited to +-{limit} (7 bits): this CPU's int8 "
-                          f"kernels add u8 x s8 products in int16 pairs (no VNNI), which "
-                          f"saturates for full-range codes")
+        record.code_limit = limit  # the summary says why (a field: the checkpoint stays small)
         pre = getattr(module, PRECOMPUTED_ATTR, None)  # left by a method (GPTQ, AWQ, ...)
         if pre is not None and tuple(pre[0].shape) == tuple(scale.shape):
             scale, zp = pre[0].to(torch.float32), pre[1].to(torch.int32)
