@@ -286,11 +286,41 @@ def test_half_linear(fmt):
     w, x, bias = torch.randn(5, 37), torch.randn(2, 4, 37), torch.randn(5)
     codes, scale, zp = qweight(w, spec)
     kernel = make_linear_kernel(codes, scale, zp, spec, bias, None)
-    real(kernel, fmt.value)
+    if fmt == Format.BF16 and not kernel.native:  # measured slower than float32 here
+        assert "upcast" in kernel.name and "measured" in kernel.fallback_reason
+        assert torch.equal(kernel(x), F.linear(x, codes.float(), bias))
+    else:
+        real(kernel, fmt.value)
     w_hat = codes.float()
     sim, mag = F.linear(x, w_hat, bias), F.linear(x.abs(), w_hat.abs(), bias.abs())
     assert_within(kernel(x), sim, mag, 37, extra=2.0 ** -7 if fmt == Format.BF16 else 0.0)
     assert kernel.nbytes() == 2 * 5 * 37 + 4 * 5
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_kernels_follow_the_measured_choice(native, monkeypatch):
+    """bf16 runs natively only where the probe times it faster than float32 on the upcast
+    weights (not on AVX2-only CPUs, where it measured 4-5x slower): else exact upcast."""
+    from quantwise.kernels import half
+
+    times = {"bf16": 1.0, "upcast": 2.0, "fp32": 1.5} if native else \
+        {"bf16": 9.0, "upcast": 2.0, "fp32": 1.8}
+    monkeypatch.setattr(half, "_native_bf16", lambda key, *fns: half._choice(times))
+    spec = QuantSpec(Format.BF16)
+    w, bias = torch.randn(24, 64), torch.randn(24)
+    codes, scale, zp = qweight(w, spec)
+    lin = make_linear_kernel(codes, scale, zp, spec, bias, None)
+    wc, cscale, czp = qweight(torch.randn(8, 4, 3, 3), spec)
+    conv = make_conv_kernel(wc, cscale, czp, spec, None, None, stride=1, padding=1,
+                            dilation=1, groups=1)
+    x, xc = torch.randn(3, 64), torch.randn(2, 4, 7, 7)
+    for kernel in (lin, conv):
+        assert kernel.native is native and (kernel.fallback_reason is None) is native
+        assert kernel.speed_vs_fp32 == pytest.approx(1.5 if native else 0.9)
+    if not native:
+        assert "5.0x the float32 time" in lin.fallback_reason
+        assert torch.equal(lin(x), F.linear(x, codes.float(), bias))
+        assert torch.equal(conv(xc), F.conv2d(xc, wc.float(), None, 1, 1))
 
 
 @pytest.mark.parametrize("fmt", [Format.BF16, Format.FP16])
@@ -300,7 +330,10 @@ def test_half_conv(fmt):
     codes, scale, zp = qweight(w, spec)
     kernel = make_conv_kernel(codes, scale, zp, spec, bias, None, stride=1, padding=1, dilation=1, groups=1)
     sim = F.conv2d(x, codes.float(), bias, 1, 1)
-    if fmt == Format.BF16:
+    if fmt == Format.BF16 and not kernel.native:
+        assert "upcast" in kernel.name and "measured" in kernel.fallback_reason
+        assert torch.equal(kernel(x), sim)
+    elif fmt == Format.BF16:
         real(kernel, "bf16")
         mag = F.conv2d(x.abs(), codes.float().abs(), bias.abs(), 1, 1)
         assert_within(kernel(x), sim, mag, 27, extra=2.0 ** -7)
