@@ -88,7 +88,9 @@ def test_quantize_run_save_load(hf_setup, tmp_path, name, preset):
             continue
         layer = qmodel.get_submodule(layer_name)
         assert record.status == "quantized" and isinstance(layer, QuantizedLayer), layer_name
-        assert layer.fallback_reason is None, f"{layer_name}: {layer.fallback_reason}"
+        if layer.fallback_reason is not None:  # only bf16 may: float32 where measured faster
+            assert "bf16 weights upcast" in layer.kernel_name and "measured" in \
+                layer.fallback_reason, f"{layer_name}: {layer.fallback_reason}"
         assert record.kernel == layer.kernel_name
         if isinstance(module, (nn.Linear, Conv1D)):
             assert layer.kind == "linear" and layer.weight_shape[0] == (

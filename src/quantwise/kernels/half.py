@@ -48,8 +48,9 @@ def _choice(times: dict[str, float]) -> tuple[bool, Optional[float], str]:
         return True, (f32 / bf16 if bf16 > 0 else None), ""
     return False, (f32 / up if up > 0 else None), (
         f"this CPU's bf16 kernel measured {bf16 / max(f32, 1e-9):.1f}x the float32 time at this "
-        f"shape (no native bf16 in oneDNN here), so the bf16 weights are upcast per call "
-        f"(exact) and the product runs in float32")
+        f"shape (no native bf16 in oneDNN here, or a layer so small that the casts cost more "
+        f"than they save), so the bf16 weights are upcast per call (exact) and the product "
+        f"runs in float32")
 
 
 class Bf16Linear:
