@@ -7,7 +7,7 @@ import quantwise
 
 LEVELS = {
     "_version": 0, "errors": 0, "spec": 0, "fileio": 0,
-    "numerics": 1, "metrics": 1, "models": 1, "data": 1,
+    "numerics": 1, "metrics": 1, "models": 1, "data": 1, "formats": 1,
     "calibrators": 2, "config": 2,
     "kernels": 3, "modules": 3, "state": 3, "methods": 3,
     "workflow": 4, "int8graph": 4, "encoder": 4, "fold": 3,

@@ -76,6 +76,7 @@ def _check_hf_folder(path: Path) -> None:
             "saved with save_pretrained(), a built-in name, or a `package.module:function`"
         )
     if any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").is_file():
+        _check_shards(path)
         return
     pickles = [name for name in _PICKLE_WEIGHTS if (path / name).exists()]
     if pickles or any(path.glob("pytorch_model*.bin")):
@@ -85,6 +86,21 @@ def _check_hf_folder(path: Path) -> None:
             "with save_pretrained(..., safe_serialization=True) to get model.safetensors"
         )
     raise ModelLoadError(f"{path} has a config.json but no *.safetensors weights file")
+
+
+def _check_shards(path: Path) -> None:
+    """Index, shard headers and (Llama family) shapes checked before transformers reads a byte
+    of weights: a truncated or missing shard, an index pointing outside the folder or at a
+    pickle get an error naming the file, not a traceback (formats/shards.py)."""
+    from quantwise.formats.shards import ShardedCheckpoint
+
+    checkpoint = ShardedCheckpoint.open(path, allow_non_float=True)  # e.g. BERT's int64 position ids
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ModelLoadError(f"{path / 'config.json'}: not readable JSON ({exc})") from None
+    if isinstance(config, dict):
+        checkpoint.check_config(config)
 
 
 def _auto_model(path: Path, sentence: bool = False) -> nn.Module:
