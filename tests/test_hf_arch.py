@@ -3,6 +3,7 @@ lm_head tied to wte), Llama (RMSNorm, rotary, GQA), ViT (reads its patch conv's 
 and BERT (encoder fast path) quantize with every preset, stay close to fp32, run real kernels,
 and reload bit-identically on a fresh skeleton."""
 
+import json
 import subprocess
 import sys
 import warnings
@@ -149,6 +150,29 @@ def test_conv1d_quantizes_exactly_like_linear(preset):
         prepared[0].mode = "fake_weight"
     with torch.no_grad():
         torch.testing.assert_close(p_c1d(x), p_lin(x), rtol=1e-5, atol=1e-6)
+
+
+def test_sharded_checkpoint_keeps_ties_and_outputs(tmp_path):
+    """Weights past shard_bytes go to Hugging Face-style shards with an index; a tied head is
+    stored once and re-tied on load; outputs bit-identical."""
+    model = build("llama", tie_word_embeddings=True)
+    calib = [example_inputs("llama", seed) for seed in range(2)]
+    qmodel = quantwise.quantize(model, "w8a8", calib, progress=False)
+    folder = quantwise.save(qmodel, tmp_path / "q", shard_bytes=20_000)
+    shards = sorted(p.name for p in folder.glob("model-*.safetensors"))
+    assert len(shards) >= 3 and not (folder / "model.safetensors").exists()
+    weight_map = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+    assert set(weight_map.values()) == set(shards)
+    assert len({"lm_head.weight", "model.embed_tokens.weight"} & set(weight_map)) == 1
+    loaded = quantwise.load(folder, model=build("llama", seed=1, tie_word_embeddings=True))
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    x = example_inputs("llama", seed=100)
+    with torch.no_grad():
+        assert torch.equal(main_output(loaded(**x)), main_output(qmodel(**x)))
+    shard = folder / shards[1]
+    shard.write_bytes(shard.read_bytes()[:-10])  # a truncated shard: named, before any weights load
+    with pytest.raises(quantwise.CheckpointError, match=shards[1]):
+        quantwise.load(folder, model=build("llama", seed=1, tie_word_embeddings=True))
 
 
 def test_llama_tied_lm_head(tmp_path):

@@ -73,6 +73,16 @@ def test_seven_bit_weights_are_recorded_as_a_field_and_explained(tmp_path, digit
     assert [r.code_limit for r in quantwise.summary(reloaded).quantized] == [64] * 4
 
 
+def test_sharded_save_reloads_bit_identically(tmp_path, qdigits):
+    model, qmodel, images = qdigits
+    folder = quantwise.save(qmodel, tmp_path / "q", shard_bytes=50_000)
+    assert len(list(folder.glob("model-*-of-*.safetensors"))) >= 3
+    assert not (folder / WEIGHTS_FILE).exists() and (folder / "model.safetensors.index.json").is_file()
+    reloaded = quantwise.load(folder, model=model)
+    with torch.no_grad():
+        assert torch.equal(qmodel(images), reloaded(images))
+
+
 def test_existing_output_refused_without_overwrite_and_kept(tmp_path, qdigits):
     _, qmodel, _ = qdigits
     out = tmp_path / "q"

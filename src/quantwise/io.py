@@ -1,5 +1,7 @@
 """save / load: a folder with model.safetensors (integer weights, scales, zero points, float
-params) and quantwise.json (config, per-layer metadata, versions). No pickle anywhere.
+params) and quantwise.json (config, per-layer metadata, versions). No pickle anywhere. Weights
+past `shard_bytes` (2 GiB by default) go to Hugging Face-style shards with an index instead
+(model-00001-of-0000N.safetensors + model.safetensors.index.json).
 
     quantwise.save(qmodel, "out/digits-w8a8")
     qmodel = quantwise.load("out/digits-w8a8", model=float_model)
@@ -27,6 +29,7 @@ from quantwise.config import Config
 from quantwise.errors import CheckpointError, OutputPathError
 from quantwise.fileio import atomic_write_text
 from quantwise.fold import fold_conv_bn
+from quantwise.formats.shards import INDEX, ShardedCheckpoint, write_shards
 from quantwise.encoder import apply_encoder_fastpath
 from quantwise.int8graph import apply_int8_graph
 from quantwise.methods.smoothquant import prescaled_modules, restore_prescale
@@ -37,6 +40,7 @@ from quantwise.state import LayerRecord, QuantState, get_state, set_state
 
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "quantwise.json"
+SHARD_BYTES = 2 * 2 ** 30
 FORMAT_VERSION = 1
 
 
@@ -70,8 +74,10 @@ def _existing_parent(path: Path) -> Path:
     return path if path.is_dir() else path.parent
 
 
-def save(model: nn.Module, folder: str | Path, overwrite: bool = False) -> Path:
-    """Write the quantized model to `folder` atomically: all of it, or the old content stays."""
+def save(model: nn.Module, folder: str | Path, overwrite: bool = False,
+         shard_bytes: int = SHARD_BYTES) -> Path:
+    """Write the quantized model to `folder` atomically: all of it, or the old content stays.
+    Weights over `shard_bytes` are written as shards with an index."""
     state = get_state(model)
     if state.stage != "converted":
         raise CheckpointError("only a converted model can be saved: call quantwise.convert() first")
@@ -80,9 +86,7 @@ def save(model: nn.Module, folder: str | Path, overwrite: bool = False) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the output is an ordinary folder
     try:
-        safetensors.torch.save_model(model, str(staging / WEIGHTS_FILE),
-                                     metadata={"format": "quantwise", "version": str(FORMAT_VERSION)})
-        (staging / WEIGHTS_FILE).chmod(0o666 & ~_umask())
+        _write_weights(model, staging, shard_bytes)
         atomic_write_text(staging / META_FILE, json.dumps(_metadata(model, state), separators=(",", ":")))
         _copy_hf_files(state, staging)
         _swap_in(staging, folder)
@@ -90,6 +94,22 @@ def save(model: nn.Module, folder: str | Path, overwrite: bool = False) -> Path:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return folder
+
+
+def _write_weights(model: nn.Module, staging: Path, shard_bytes: int) -> None:
+    metadata = {"format": "quantwise", "version": str(FORMAT_VERSION)}
+    state = model.state_dict()
+    # tied tensors are stored once, as safetensors.save_model does (load restores the ties)
+    for removed in safetensors.torch._remove_duplicate_names(state).values():
+        for name in removed:
+            del state[name]
+    if sum(t.numel() * t.element_size() for t in state.values()) <= shard_bytes:
+        safetensors.torch.save_model(model, str(staging / WEIGHTS_FILE), metadata=metadata)
+        written = [staging / WEIGHTS_FILE]
+    else:
+        written = [staging / n for n in set(write_shards(state, staging, shard_bytes, metadata).values())]
+    for path in written:
+        path.chmod(0o666 & ~_umask())
 
 
 def _hf_source(source: str | None) -> Path | None:
@@ -166,7 +186,7 @@ def read_metadata(folder: str | Path) -> dict[str, Any]:
     if not folder.is_dir():
         raise CheckpointError(f"{folder} is not a folder: pass a folder written by quantwise.save")
     meta_path, weights = folder / META_FILE, folder / WEIGHTS_FILE
-    if not meta_path.is_file() or not weights.is_file():
+    if not meta_path.is_file() or not (weights.is_file() or (folder / INDEX).is_file()):
         raise CheckpointError(f"{folder} has no quantwise checkpoint ({META_FILE} and "
                               f"{WEIGHTS_FILE}): pass a folder written by quantwise.save")
     try:
@@ -215,7 +235,10 @@ def load(folder: str | Path, model: nn.Module | None = None, fuse: bool = True) 
         if layer.tied_to:
             layer.tie_weight(layers[layer.tied_to])
     restore_prescale(qmodel, meta.get("prescaled", {}))  # SmoothQuant's explicit divisions
-    _load_weights(qmodel, folder / WEIGHTS_FILE)
+    if (folder / INDEX).is_file():
+        _load_shards(qmodel, folder)
+    else:
+        _load_weights(qmodel, folder / WEIGHTS_FILE)
     for layer in layers.values():
         layer.build_kernel()
     records = {r["name"]: LayerRecord(**r) for r in meta["records"]}
@@ -242,6 +265,19 @@ def _load_weights(model: nn.Module, path: Path) -> None:
     if missing or unexpected:
         raise CheckpointError(f"{path} does not match the model: missing keys {sorted(missing)}, "
                               f"unexpected keys {sorted(unexpected)}")
+
+
+def _load_shards(model: nn.Module, folder: Path) -> None:
+    """Sharded weights, checked first (formats/shards.py), with load_model's handling of ties."""
+    checkpoint = ShardedCheckpoint.open(folder, allow_non_float=True)
+    state = {name: checkpoint.read(name, dtype=None) for name in checkpoint.tensors}
+    checkpoint.close()
+    ties = safetensors.torch._remove_duplicate_names(model.state_dict(), preferred_names=state.keys())
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = set(missing) - {name for group in ties.values() for name in group}
+    if missing or unexpected:
+        raise CheckpointError(f"{folder}: its shards do not match the model: missing keys "
+                              f"{sorted(missing)}, unexpected keys {sorted(unexpected)}")
 
 
 def _model_from_source(source: str | None) -> nn.Module:

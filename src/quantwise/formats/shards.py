@@ -251,3 +251,35 @@ def _read_header(path: Path) -> list[TensorInfo]:
         raise CheckpointError(f"{path}: truncated: its header promises {8 + n + end} bytes, the "
                               f"file has {size} (an interrupted download or copy?)")
     return infos
+
+
+def shard_file_names(count: int) -> list[str]:
+    return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+
+
+def write_shards(tensors: dict[str, torch.Tensor], folder: Path, shard_bytes: int,
+                 metadata: dict[str, str]) -> dict[str, str]:
+    """Write `tensors` (in order) as Hugging Face-style shards of at most ~`shard_bytes` each
+    plus model.safetensors.index.json into `folder` (a staging folder: the caller publishes it
+    atomically); returns the weight map."""
+    from safetensors.torch import save_file
+
+    from quantwise.fileio import atomic_write_text
+
+    groups: list[dict[str, torch.Tensor]] = [{}]
+    size = total = 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if groups[-1] and size + nbytes > shard_bytes:
+            groups.append({})
+            size = 0
+        groups[-1][name] = tensor.contiguous()
+        size += nbytes
+        total += nbytes
+    weight_map: dict[str, str] = {}
+    for file_name, group in zip(shard_file_names(len(groups)), groups):
+        save_file(group, str(folder / file_name), metadata=metadata)
+        weight_map.update({name: file_name for name in group})
+    atomic_write_text(folder / INDEX, json.dumps(
+        {"metadata": {"total_size": total, **metadata}, "weight_map": weight_map}, indent=1) + "\n")
+    return weight_map
