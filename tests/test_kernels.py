@@ -305,7 +305,7 @@ def test_bf16_kernels_follow_the_measured_choice(native, monkeypatch):
 
     times = {"bf16": 1.0, "upcast": 2.0, "fp32": 1.5} if native else \
         {"bf16": 9.0, "upcast": 2.0, "fp32": 1.8}
-    monkeypatch.setattr(half, "_native_bf16", lambda key, *fns: half._choice(times))
+    monkeypatch.setattr(half, "_native_bf16", lambda key, make_fns: half._choice(times))
     spec = QuantSpec(Format.BF16)
     w, bias = torch.randn(24, 64), torch.randn(24)
     codes, scale, zp = qweight(w, spec)

@@ -34,12 +34,13 @@ def _f32(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float32 else x.float()
 
 
-def _native_bf16(key: str, native, upcast, fp32) -> tuple[bool, Optional[float], str]:
+def _native_bf16(key: str, make_fns) -> tuple[bool, Optional[float], str]:
     """(run bf16 natively?, chosen kernel's speed vs float32, why not) from the probe's timings
-    of the three calls at this layer's shape (cached per CPU, torch and ISA cap)."""
+    of the calls make_fns() returns ("bf16", "upcast", "fp32") at this layer's shape (cached per
+    CPU, torch and ISA cap: inputs are only made when a shape is timed the first time)."""
     from quantwise.kernels.probe import probe
 
-    return _choice(probe().timings(key, lambda: {"bf16": native, "upcast": upcast, "fp32": fp32}))
+    return _choice(probe().timings(key, make_fns))
 
 
 def _choice(times: dict[str, float]) -> tuple[bool, Optional[float], str]:
@@ -58,11 +59,13 @@ class Bf16Linear:
         self.weight = weight.detach().to(torch.bfloat16).contiguous()
         self.bias = _bias(bias)
         n, k = self.weight.shape
-        x, w32 = torch.randn(64, k), self.weight.float()
-        F = torch.nn.functional
-        self.native, self.speed_vs_fp32, why = _native_bf16(
-            f"bf16-linear-{n}x{k}", lambda: self._native(x), lambda: self._upcast(x),
-            lambda: F.linear(x, w32))
+
+        def fns():
+            x, w32 = torch.randn(64, k), self.weight.float()
+            return {"bf16": lambda: self._native(x), "upcast": lambda: self._upcast(x),
+                    "fp32": lambda: torch.nn.functional.linear(x, w32)}
+
+        self.native, self.speed_vs_fp32, why = _native_bf16(f"bf16-linear-{n}x{k}", fns)
         if self.native:
             self.name = "bf16 x bf16 GEMM (oneDNN, fp32 accumulation), bias added in fp32"
         else:
@@ -107,13 +110,16 @@ class Bf16Conv:
         self.geom = geom
         kind = "transposed conv" if geom.transposed else "conv"
         w = self.weight
-        cin = w.shape[0] if geom.transposed else w.shape[1] * geom.groups
-        x = torch.randn(2, cin, *[16] * geom.dim)  # a representative input: the choice is by ISA
-        w32 = w.float()
-        self.native, self.speed_vs_fp32, why = _native_bf16(
-            f"bf16-{kind.replace(' ', '-')}{geom.dim}d-{'x'.join(map(str, w.shape))}"
-            f"-g{geom.groups}", lambda: self._native(x), lambda: self._upcast(x),
-            lambda: geom.run_float(x, w32, self.bias))
+
+        def fns():
+            cin = w.shape[0] if geom.transposed else w.shape[1] * geom.groups
+            x = torch.randn(2, cin, *[16] * geom.dim)  # representative: the choice is by ISA
+            w32 = w.float()
+            return {"bf16": lambda: self._native(x), "upcast": lambda: self._upcast(x),
+                    "fp32": lambda: geom.run_float(x, w32, self.bias)}
+
+        key = f"bf16-{kind.replace(' ', '-')}{geom.dim}d-{'x'.join(map(str, w.shape))}-g{geom.groups}"
+        self.native, self.speed_vs_fp32, why = _native_bf16(key, fns)
         if self.native:
             self.name = f"bf16 {kind}{geom.dim}d (oneDNN, fp32 accumulation), bias added in fp32"
         else:
