@@ -135,3 +135,22 @@ def test_already_quantized_tensors_are_refused_for_streaming(tmp_path):
     with pytest.raises(quantwise.CheckpointError, match="already quantized"):
         ShardedCheckpoint.open(folder)
     assert ShardedCheckpoint.open(folder, allow_non_float=True).read("w").dtype == torch.float32
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated"])
+def test_single_file_folder_with_a_damaged_model_safetensors(tmp_path, capsys, damage):
+    """The common Hugging Face layout (one model.safetensors, no index): an empty or truncated
+    file is named with exit code 2, not a transformers traceback."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path / "single"
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**TINY)).save_pretrained(str(folder))
+    weights = folder / "model.safetensors"
+    assert weights.is_file() and not (folder / INDEX).exists()
+    ShardedCheckpoint.open(folder).check_config(json.loads((folder / "config.json").read_text()))
+    weights.write_bytes(b"" if damage == "empty" else weights.read_bytes()[:-64])
+    out = tmp_path / "out"
+    assert main(["quantize", str(folder), "--config", "w8", "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "model.safetensors" in err and damage in err and not out.exists()
