@@ -264,8 +264,6 @@ def write_shards(tensors: dict[str, torch.Tensor], folder: Path, shard_bytes: in
     atomically); returns the weight map."""
     from safetensors.torch import save_file
 
-    from quantwise.fileio import atomic_write_text
-
     groups: list[dict[str, torch.Tensor]] = [{}]
     size = total = 0
     for name, tensor in tensors.items():
@@ -280,6 +278,15 @@ def write_shards(tensors: dict[str, torch.Tensor], folder: Path, shard_bytes: in
     for file_name, group in zip(shard_file_names(len(groups)), groups):
         save_file(group, str(folder / file_name), metadata=metadata)
         weight_map.update({name: file_name for name in group})
-    atomic_write_text(folder / INDEX, json.dumps(
-        {"metadata": {"total_size": total, **metadata}, "weight_map": weight_map}, indent=1) + "\n")
+    write_index(folder, weight_map, total, metadata)
     return weight_map
+
+
+def write_index(folder: Path, weight_map: dict[str, str], total_bytes: int,
+                metadata: Optional[dict[str, str]] = None) -> None:
+    """model.safetensors.index.json, as transformers writes it (written atomically)."""
+    from quantwise.fileio import atomic_write_text
+
+    atomic_write_text(folder / INDEX, json.dumps(
+        {"metadata": {"total_size": total_bytes, **(metadata or {})}, "weight_map": weight_map},
+        indent=1) + "\n")

@@ -10,15 +10,13 @@ reproducible byte for byte.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 
-from quantwise.fileio import atomic_write_text
-from quantwise.formats.shards import INDEX
+from quantwise.formats.shards import shard_file_names, write_index
 
 TINYLLAMA = {"hidden_size": 2048, "intermediate_size": 5632, "num_attention_heads": 32,
              "num_key_value_heads": 4, "vocab_size": 32000, "num_hidden_layers": 22}
@@ -85,10 +83,8 @@ def write_llama_folder(folder: str | os.PathLike, *, shard_bytes: int = 2 ** 30,
     flush()
     shards = [s for s in shards if s]
     weight_map = {}
-    for i, names in enumerate(shards, 1):
-        final = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+    for i, (names, final) in enumerate(zip(shards, shard_file_names(len(shards))), 1):
         os.replace(folder / f".shard-{i}.tmp", folder / final)
         weight_map.update({n: final for n in names})
-    atomic_write_text(folder / INDEX, json.dumps(
-        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+    write_index(folder, weight_map, total)
     return folder
