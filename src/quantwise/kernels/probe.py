@@ -43,7 +43,7 @@ from quantwise.fileio import atomic_write_text
 EXACT, PAIRS, INEXACT = "exact", "int16_pairs", "inexact"
 PAIR_LIMIT = 32767  # int16 max: two u8 x s8 products must fit
 CANDIDATES = ("onednn_linear", "int_mm", "onednn_conv")
-_VERSION = 3  # 2: first calls under 50 ms are warm-ups; 3: candidates timed in interleaved rounds
+_VERSION = 2  # 2: first calls under 50 ms are warm-ups, not timings
 _LOCK = threading.RLock()
 
 # oneDNN's ISA cap names (ONEDNN_MAX_CPU_ISA) -> the integer ISA class they leave
@@ -192,9 +192,6 @@ def time_ms(fn: Callable[[], object], budget_s: float = 0.05, max_runs: int = 5)
     return 1e3 * min(times)
 
 
-TIMING_ROUNDS = 3
-
-
 def _gemm_fns(m: int, k: int, n: int) -> dict[str, Callable[[], object]]:
     gen = torch.Generator().manual_seed(1)
     u = torch.randint(0, 128, (m, k), dtype=torch.uint8, generator=gen)
@@ -205,8 +202,8 @@ def _gemm_fns(m: int, k: int, n: int) -> dict[str, Callable[[], object]]:
     try:
         packed = torch.ops.onednn.qlinear_prepack(w, None)
         ones, zeros = torch.ones(n), torch.zeros(n, dtype=torch.int64)
-        fns["onednn_linear"] = lambda: torch.ops.onednn.qlinear_pointwise(  # zero point 128:
-            u, 1.0, 128, packed, ones, zeros, None, 1.0, 0, torch.float32, "none", [], "")  # as used
+        fns["onednn_linear"] = lambda: torch.ops.onednn.qlinear_pointwise(
+            u, 1.0, 0, packed, ones, zeros, None, 1.0, 0, torch.float32, "none", [], "")
     except RuntimeError:
         pass
     w_t = w.t()
@@ -219,7 +216,6 @@ def _time_candidates(fns: dict[str, Callable[[], object]]) -> dict[str, float]:
     not timed further (an exact but scalar loop would otherwise take seconds). Faster first
     calls are only a warm-up: they include one-time costs (a thread pool, FBGEMM's setup)."""
     out: dict[str, float] = {}
-    timed: dict[str, Callable[[], object]] = {}
     for name, fn in fns.items():
         try:
             t0 = time.perf_counter()
@@ -230,14 +226,6 @@ def _time_candidates(fns: dict[str, Callable[[], object]]) -> dict[str, float]:
         best = min(out.values(), default=None)
         slow = best is not None and first > max(8 * best, 50.0)
         out[name] = first if slow else time_ms(fn)
-        if not slow:
-            timed[name] = fn
-    # Further rounds, interleaved, keep each candidate's minimum: a burst of other work on a
-    # shared machine during one candidate's timing had flipped 10% decisions (a fresh probe sent
-    # 25 of MiniLM's 37 per-token GEMMs to oneDNN, 4-5% slower end to end than _int_mm here)
-    for _ in range(TIMING_ROUNDS - 1):
-        for name, fn in timed.items():
-            out[name] = min(out[name], time_ms(fn))
     return out
 
 
