@@ -25,42 +25,96 @@ def _quantized(n, k, spec, seed=0):
     return codes, scale, zp, numerics.dequantize(codes, scale, zp, spec)
 
 
-def _assert_close(out, x, w_hat, bias):
-    """float32 sums in another order: within 2 (K + 4) u of sum |x| |w| (test_kernels' bound)."""
+def _assert_close(out, x, w_hat, bias, int16=True):
+    """float32 sums in another order: within 2 (K + 4) u of sum |x| |w| (test_kernels' bound);
+    with int16 activations (the default path) also the rounding of each row to codes of step
+    max|x| / 32767: at most half a step per element, times sum |w| over the row."""
     ref = F.linear(x.double(), w_hat.double(), None if bias is None else bias.double())
     mag = F.linear(x.abs().double(), w_hat.abs().double(),
                    None if bias is None else bias.abs().double())
-    assert (out.double() - ref).abs().le(2 * (x.shape[-1] + 4) * U * mag + 1e-30).all()
+    bound = 2 * (x.shape[-1] + 4) * U * mag + 1e-30
+    if int16:
+        half_step = x.abs().amax(dim=-1, keepdim=True).double() / 65534
+        bound = bound + half_step * w_hat.abs().double().sum(dim=-1) * (1 + 1e-6)
+    assert (out.double() - ref).abs().le(bound).all()
 
 
 def test_blocked_int4_layout():
-    codes = torch.randint(-8, 8, (3, 64), dtype=torch.int8)
-    b = blocked_int4(codes).to(torch.int16).reshape(3, 2, 16)
+    codes = torch.randint(-8, 8, (3, 128), dtype=torch.int8)
+    b = blocked_int4(codes).to(torch.int16).reshape(3, 2, 32)
     lo, hi = (b & 15) - 8, (b >> 4) - 8
-    assert torch.equal(torch.cat([lo, hi], dim=-1).reshape(3, 64), codes.to(torch.int16))
+    assert torch.equal(torch.cat([lo, hi], dim=-1).reshape(3, 128), codes.to(torch.int16))
 
 
 @needs_gemv
 @pytest.mark.parametrize("m", [1, 3, 8])
-@pytest.mark.parametrize("n,k", [(37, 64), (300, 512), (1, 16)])
+@pytest.mark.parametrize("n,k", [(37, 64), (300, 512), (1, 16), (7, 24)])
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_int8_gemv_matches_the_simulation(m, n, k, with_bias):
     spec = QuantSpec(Format.INT8, granularity=PerChannel(0))
     codes, scale, _, w_hat = _quantized(n, k, spec)
     bias = torch.randn(n) if with_bias else None
     x = torch.randn(m, k) * 3
-    _assert_close(WeightOnlyGemv(codes, scale, 8, k, bias)(x), x, w_hat, bias)
+    gemv = WeightOnlyGemv(codes, scale, 8, k, bias)
+    _assert_close(gemv(x), x, w_hat, bias)
+    _assert_close(gemv(x, exact=True), x, w_hat, bias, int16=False)
 
 
 @needs_gemv
 @pytest.mark.parametrize("m", [1, 5, 8])
-@pytest.mark.parametrize("n,k,group", [(37, 128, 32), (260, 512, 128), (9, 256, 256)])
+@pytest.mark.parametrize("n,k,group", [(37, 128, 32), (260, 512, 128), (9, 256, 256),
+                                       (13, 192, 64), (5, 1024, 1024)])
 def test_int4_gemv_matches_the_simulation(m, n, k, group):
     spec = QuantSpec(Format.INT4, granularity=PerGroup(group))
     codes, scale, _, w_hat = _quantized(n, k, spec)
     bias = torch.randn(n)
     x = torch.randn(m, k)
-    _assert_close(WeightOnlyGemv(codes, scale, 4, group, bias)(x), x, w_hat, bias)
+    gemv = WeightOnlyGemv(codes, scale, 4, group, bias)
+    _assert_close(gemv(x), x, w_hat, bias)
+    _assert_close(gemv(x, exact=True), x, w_hat, bias, int16=False)
+
+
+@needs_gemv
+@pytest.mark.parametrize("bits,k,group", [(8, 8192, 8192), (8, 4112, 4112), (4, 2048, 2048),
+                                          (4, 512, 32), (4, 512, 256)])
+def test_integer_sums_do_not_overflow_on_extreme_codes(bits, k, group):
+    """Every product at its largest: activations at +-max (codes +-32767) against the extreme
+    weight codes (-128 / -8), which overflow int32 (int8) or int16 (int4) sums if the runs
+    between conversions were too long."""
+    low = -128 if bits == 8 else -8
+    codes = torch.full((16, k), low, dtype=torch.int32)
+    codes[1::2] = 127 if bits == 8 else 7
+    scale = torch.ones(16) if bits == 8 else torch.ones(16, k // group)
+    x = torch.ones(2, k)
+    x[1, ::2] = -1.0
+    w_hat = codes.float()
+    out = WeightOnlyGemv(codes, scale, bits, group, None)(x)
+    _assert_close(out, x, w_hat, None)
+
+
+@needs_gemv
+@pytest.mark.parametrize("bits", [8, 4])
+def test_rows_the_int16_path_cannot_hold_take_the_float_path(bits):
+    """NaN / Inf in a row: F.linear's non-finite outputs; an all-zero row: the bias; a row of
+    subnormals (32767 / max overflows): float32 results, not zeros."""
+    k, n = 256, 40
+    spec = QuantSpec(Format.INT8 if bits == 8 else Format.INT4,
+                     granularity=PerChannel(0) if bits == 8 else PerGroup(64))
+    codes, scale, _, w_hat = _quantized(n, k, spec)
+    bias = torch.randn(n)
+    gemv = WeightOnlyGemv(codes, scale, bits, k if bits == 8 else 64, bias)
+    x = torch.randn(4, k)
+    x[1, 7] = float("nan")
+    x[2, 3] = float("inf")
+    out, ref = gemv(x), F.linear(x, w_hat, bias)
+    assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.isinf(), ref.isinf())
+    _assert_close(out[[0, 3]], x[[0, 3]], w_hat, bias, int16=False)  # the whole call: float
+    zero = torch.zeros(1, k)
+    assert torch.equal(gemv(zero), bias.reshape(1, n))
+    tiny = torch.full((1, k), 1e-42)
+    plain = WeightOnlyGemv(codes, scale, bits, k if bits == 8 else 64, None)
+    _assert_close(plain(tiny), tiny, w_hat, None, int16=False)
+    assert bool(plain(tiny).ne(0).any())
 
 
 @needs_gemv

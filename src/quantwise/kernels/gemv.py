@@ -1,10 +1,20 @@
 """Weight-only Linears at 1-8 rows (LLM decoding): a compiled GEMV that reads the int8 / int4
-codes once, converts them to float32 in registers and multiplies them into float32
-accumulators, applying the scales per output row (int8) or per block of 32 codes (int4)
-(csrc/gemv.c), so it moves 1 or 0.5 byte per weight.
+codes once (1 or 0.5 byte per weight) and multiplies them in integer arithmetic by the
+activations rounded per row to 16-bit codes, applying the scales per output row (int8) or per
+group (int4) in float32 (csrc/gemv.c).
 
-Why: at batch 1-8 a Linear is bound by the bytes of its weight, and no torch CPU op multiplies
-float32 activations by int8/int4 weights at float32 accuracy at that speed on every CPU:
+Numerics: each activation row is rounded to codes of step max|x| / 32767, so every element is
+off by at most max|x| / 65534 (a relative error of ~3e-5 at the output for Gaussian rows, ~200x
+below int8 weight rounding; torch's int4 GEMM rounds activations to bf16, ~100x coarser); the
+integer sums are exact. Rows with a NaN or Inf (or a maximum too small to scale) send the call
+to the same kernel with float32 activations and accumulation, which gives F.linear's non-finite
+outputs; `exact=True` asks for that path. Why integers: on AVX2 the float path was bound by
+converting every weight to float32 (a widening shuffle and a conversion per 8 weights before
+the FMA); vpmaddwd / vpmaddubsw multiply 16-32 codes per instruction with no conversion:
+1.3x (int8) and 1.7-2x (int4) faster at MiniLM's shapes on one thread.
+
+Why a compiled kernel: at batch 1-8 a Linear is bound by the bytes of its weight, and no torch
+CPU op multiplies float32 activations by int8/int4 weights at that speed on every CPU:
 FBGEMM's fp16-weight GEMM reads 2 bytes per weight, and torch's int4 GEMM rounds activations to
 bf16 and is slower than float32 on CPUs without AVX-512 BF16 (0.66x at 4096 x 4096 on an
 AVX2-only EPYC). The C file has no torch headers: `cc -O3 -shared` builds it in well under a
@@ -16,7 +26,6 @@ torch.get_num_threads() OpenMP threads for layers of 128K+ multiply-adds; built 
 library uses the libgomp torch has loaded, i.e. torch's own threads (a Python thread pool was
 tried: its hand-off cost ~45 us and its threads fought torch's spinning OpenMP threads for the
 cores, 2-4x slower at 4096 x 4096 right after a torch op).
-Accumulation is float32 like F.linear's, in another order.
 """
 
 from __future__ import annotations
@@ -39,6 +48,11 @@ from quantwise.kernels.probe import _cpuinfo, cache_dir
 _SRC = Path(__file__).parent / "csrc" / "gemv.c"
 MAX_ROWS = 8
 _F, _I = ctypes.c_void_p, ctypes.c_int
+
+
+class _Layer(ctypes.Structure):  # csrc/gemv.c qw_layer
+    _fields_ = [("w", _F), ("scale", _F), ("urow", _F), ("bias", _F), ("n", _I), ("k", _I),
+                ("bits", _I), ("group", _I)]
 
 
 def library_tag() -> str:
@@ -71,18 +85,17 @@ def library() -> tuple[Optional[ctypes.CDLL], str]:
         lib = ctypes.CDLL(str(out))
     except OSError as exc:
         return None, f"could not load the GEMV ({exc})"
-    lib.qw_gemv_i8.argtypes = [_F, _I, _I, _F, _F, _F, _F, _I, _I]
-    lib.qw_gemv_i4.argtypes = [_F, _I, _I, _F, _F, _I, _F, _F, _I, _I]
-    lib.qw_gemv_i8.restype = lib.qw_gemv_i4.restype = None
+    lib.qw_gemv.argtypes = [_F, _F, _F, _I, _I, _I]
+    lib.qw_gemv.restype = None
     lib.openmp = bool(lib.qw_openmp())  # built with OpenMP: calls may use several threads
     return lib, ""
 
 
 def blocked_int4(codes: torch.Tensor) -> torch.Tensor:
-    """int4 codes [N, K] (K % 32 == 0) -> uint8 [N, K/2]: per block of 32, byte b holds
-    code b + 8 in its low nibble and code b + 16 + 8 in its high nibble (csrc/gemv.c)."""
+    """int4 codes [N, K] (K % 64 == 0) -> uint8 [N, K/2]: per block of 64, byte b holds
+    code b + 8 in its low nibble and code b + 32 + 8 in its high nibble (csrc/gemv.c)."""
     n, k = codes.shape
-    u = (codes.to(torch.int16) + 8).reshape(n, k // 32, 2, 16)
+    u = (codes.to(torch.int16) + 8).reshape(n, k // 64, 2, 32)
     return (u[:, :, 0] | (u[:, :, 1] << 4)).to(torch.uint8).reshape(n, k // 2).contiguous()
 
 
@@ -100,42 +113,45 @@ class WeightOnlyGemv:
         else:
             self.codes = blocked_int4(codes)
             self.scale = scale.to(torch.float32).reshape(n, k // group).contiguous()
+            # the integer path's offset term per row (csrc/gemv.c i4q_block): 128 x the sum over
+            # groups of scale x the group's sum of stored nibbles (code + 8)
+            u = (codes.to(torch.float64) + 8).reshape(n, k // group, group).sum(-1)
+            self.urow = (128 * (u * self.scale.double()).sum(-1)).to(torch.float32).contiguous()
         self.bias = None if bias is None else bias.detach().to(torch.float32).contiguous()
 
     @staticmethod
     def supports(bits: int, k: int, group: int) -> bool:
         if library()[0] is None:
             return False
-        return k % 8 == 0 if bits == 8 else (k % group == 0 and group % 32 == 0)
+        return k % 8 == 0 if bits == 8 else (k % 64 == 0 and k % group == 0 and group % 32 == 0)
 
-    def __call__(self, x2: torch.Tensor) -> torch.Tensor:
-        """x2: contiguous float32 [M, K] with M <= 8."""
-        m, n, k = x2.shape[0], self.out_features, self.in_features
+    def __call__(self, x2: torch.Tensor, exact: bool = False) -> torch.Tensor:
+        """x2: contiguous float32 [M, K] with M <= 8. exact: float32 activations (not int16;
+        int4 at 3+ rows always)."""
+        m, n = x2.shape[0], self.out_features
         y = torch.empty(m, n)
         # small layers: one thread (waking a second costs ~1-2 us: 256 x 256 ran 4.2 us on one
         # thread, 5.0 on two; 384 x 384 7.0 and 4.8)
-        threads = 1 if n * k * m < (1 << 17) or not self.lib.openmp else max(
+        threads = 1 if n * self.in_features * m < (1 << 17) or not self.lib.openmp else max(
             1, min(torch.get_num_threads(), n // 64))
-        fn, head = self._call_args()
-        fn(x2.data_ptr(), m, k, *head, y.data_ptr(), n, threads)
+        self.lib.qw_gemv(self._layer_ptr(), x2.data_ptr(), y.data_ptr(), m, threads, exact)
         return y
 
-    def _call_args(self):
-        """The C function and its weight arguments as plain ints (built once: a call of a small
-        layer is a few microseconds, and wrapping pointers per call cost a third of it)."""
-        cached = self.__dict__.get("_args")
-        if cached is None:
-            bias = None if self.bias is None else self.bias.data_ptr()
-            if self.bits == 8:
-                cached = (self.lib.qw_gemv_i8, (self.codes.data_ptr(), self.scale.data_ptr(), bias))
-            else:
-                cached = (self.lib.qw_gemv_i4, (self.codes.data_ptr(), self.scale.data_ptr(),
-                                                self.group, bias))
-            self._args = cached
-        return cached
+    def _layer_ptr(self) -> int:
+        """The address of the layer's C struct of weight pointers (built once: a ctypes call
+        costs ~0.15 us per argument, and a small layer's call is a few microseconds)."""
+        ptr = self.__dict__.get("_ptr")
+        if ptr is None:
+            urow = getattr(self, "urow", None)
+            self._struct = _Layer(self.codes.data_ptr(), self.scale.data_ptr(),
+                                  None if urow is None else urow.data_ptr(),
+                                  None if self.bias is None else self.bias.data_ptr(),
+                                  self.out_features, self.in_features, self.bits, self.group)
+            ptr = self._ptr = ctypes.addressof(self._struct)
+        return ptr
 
     def __getstate__(self) -> dict:  # deepcopy: the library handle and pointers are per process
-        state = {k: v for k, v in self.__dict__.items() if k not in ("lib", "_args")}
+        state = {k: v for k, v in self.__dict__.items() if k not in ("lib", "_struct", "_ptr")}
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -143,7 +159,7 @@ class WeightOnlyGemv:
         self.lib = library()[0]
 
     def nbytes(self) -> int:
-        return tensor_bytes(self.codes, self.scale, self.bias)
+        return tensor_bytes(self.codes, self.scale, getattr(self, "urow", None), self.bias)
 
 
 class FewRowsLinear:
@@ -153,8 +169,10 @@ class FewRowsLinear:
     def __init__(self, base, gemv: WeightOnlyGemv):
         self.base, self.gemv = base, gemv
         self.in_features, self.out_features = gemv.in_features, gemv.out_features
+        rows = "" if gemv.bits == 8 else " at 1-2 rows (3-8: float32 activations and FMAs)"
         self.name = (f"{base.name}; 1-{MAX_ROWS} rows: compiled AVX2 GEMV reading the "
-                     f"int{gemv.bits} codes (float32 activations and accumulation)")
+                     f"int{gemv.bits} codes x activations rounded per row to int16 (error <= "
+                     f"max|x|/65534 per element), integer sums, float32 scaling{rows}")
         self.fallback_reason = base.fallback_reason
         self.speed_vs_fp32 = getattr(base, "speed_vs_fp32", None)
 
