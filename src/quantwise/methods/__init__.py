@@ -13,7 +13,7 @@ codes are the method's codes.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -49,8 +49,12 @@ def _selected(model: nn.Module, config: Config, bits: int | None
 
 
 def apply_method(model: nn.Module, config: Config, calib_data: Iterable[Any] | None,
-                 progress: bool = False) -> dict[str, Any]:
-    """Run config.method on `model` in place; returns a small report (what ran where)."""
+                 progress: bool = False, load_block: Callable[[int], nn.Module] | None = None,
+                 finish_block: Callable[[int, nn.Module], None] | None = None) -> dict[str, Any]:
+    """Run config.method on `model` in place; returns a small report (what ran where).
+    `load_block` / `finish_block`: the blocks are read and released one at a time
+    (quantwise.stream; methods/blocks.py run_blocks), so `model`'s own blocks may be meta-device
+    placeholders; each finished block gets its unseen Linears rounded before it is handed on."""
     method, args = config.method, dict(config.method_args)
     if method is None:
         return {}
@@ -97,12 +101,26 @@ def apply_method(model: nn.Module, config: Config, calib_data: Iterable[Any] | N
             process = _gptq_process(targets, args, report)
         else:
             process = _awq_process(targets, args, report)
+        unseen: list[str] = []
+
+        def round_unseen(modules: dict[str, nn.Module]) -> None:
+            for name, module in modules.items():  # never called on the calibration data
+                if not hasattr(module, PRECOMPUTED_ATTR):  # (e.g. unused cross-attention)
+                    target = selected[name][1]
+                    set_result(module, target, *rtn(float_weight(module).detach().float(), target))
+                    unseen.append(name)
+
+        finish = None
+        if finish_block is not None:
+            def finish(index: int, block: nn.Module) -> None:
+                prefix = f"{found[0]}.{index}."
+                round_unseen({n: block.get_submodule(n[len(prefix):]) for n in linears
+                              if n.startswith(prefix)})
+                finish_block(index, block)
         report.update(run_blocks(model, calib_data, process, linears, progress=progress,
-                                 desc=method))
-        unseen = [n for n, m in linears.items() if not hasattr(m, PRECOMPUTED_ATTR)]
-        for name in unseen:  # never called on the calibration data (e.g. unused cross-attention)
-            module, target = selected[name]
-            set_result(module, target, *rtn(float_weight(module).detach().float(), target))
+                                 desc=method, load_block=load_block, finish_block=finish))
+        if finish_block is None:
+            round_unseen(linears)
         report["unseen_layers"] = unseen
     report["method_layers"] = len(linears)
     return report

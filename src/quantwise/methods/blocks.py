@@ -242,9 +242,16 @@ class BlockPass:
 
 def run_blocks(model: nn.Module, calib_data: Iterable[Any],
                process: Callable[[BlockPass], None], selected: dict[str, nn.Module],
-               progress: bool = False, desc: str = "blocks") -> dict[str, Any]:
+               progress: bool = False, desc: str = "blocks",
+               load_block: Callable[[int], nn.Module] | None = None,
+               finish_block: Callable[[int, nn.Module], None] | None = None) -> dict[str, Any]:
     """Run `process` on each block in order (see the module docstring); returns a report:
-    blocks name, count, Linears processed, peak number of captured inputs held."""
+    blocks name, count, Linears processed, peak number of captured inputs held.
+
+    Streaming (quantwise.stream): `load_block(i)` returns block i with real weights (the
+    model's own block may be a meta-device placeholder, never run), and `finish_block(i,
+    block)` takes it once its outputs are carried on (to convert, write and free it); a
+    selected Linear is looked up in the block by its name, not taken from `selected`."""
     found = find_blocks(model)
     if found is None:
         raise QuantwiseError("no repeated transformer blocks found (an nn.ModuleList of same-type "
@@ -261,9 +268,10 @@ def run_blocks(model: nn.Module, calib_data: Iterable[Any],
             report["input_bytes"] = sum(i.hidden.numel() * i.hidden.element_size() for i in inputs)
             from tqdm.auto import tqdm
             for index in tqdm(range(len(blocks)), desc=desc, disable=not progress):
-                block = blocks[index]
+                block = blocks[index] if load_block is None else load_block(index)
                 prefix = f"{blocks_name}.{index}." if blocks_name else f"{index}."
-                linears = {n: m for n, m in selected.items() if n.startswith(prefix)}
+                linears = {n: block.get_submodule(n[len(prefix):]) for n in selected
+                           if n.startswith(prefix)}
                 bp = BlockPass(index, prefix[:-1], block, linears, inputs)
                 if linears:
                     process(bp)
@@ -271,8 +279,11 @@ def run_blocks(model: nn.Module, calib_data: Iterable[Any],
                 report["linears"] += len(linears)
                 for item in inputs:
                     item.hidden = bp.forward(item)
-                release_free_memory()
                 report["block_forward_calls"].append(bp.forward_calls)
+                if finish_block is not None:
+                    finish_block(index, block)
+                del block, bp, linears
+                release_free_memory()
     finally:
         for module, training in modes.items():
             module.train(training)

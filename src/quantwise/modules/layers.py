@@ -114,6 +114,7 @@ def unsupported_reason(module: nn.Module) -> str | None:
             return f"padding_mode={module.padding_mode!r} is not supported by the int8 conv kernels"
     if isinstance(module, nn.Embedding) and module.max_norm is not None:
         return "Embedding with max_norm renormalizes its weight in place"
-    if not torch.isfinite(module.weight).all():
+    # a meta-device weight (streaming's skeleton, quantwise.stream) is checked once it is read
+    if not module.weight.is_meta and not torch.isfinite(module.weight).all():
         return "weight holds NaN or Inf"
     return None

@@ -1,0 +1,121 @@
+"""quantwise.stream: a Hugging Face folder quantized block by block from its shards gives the
+checkpoint of the in-memory path, tensor for tensor; bad folders fail before any work."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import quantwise
+from quantwise.errors import ConfigError, ModelLoadError, QuantwiseError
+from quantwise.formats.synthetic import write_llama_folder
+from quantwise.models.minilm import load_hf_folder
+from quantwise.stream import quantize_folder
+
+SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+             num_key_value_heads=2, vocab_size=256, max_position_embeddings=128)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    # several shards, a block split across two of them
+    return write_llama_folder(tmp_path_factory.mktemp("llama") / "src", dtype=torch.float32,
+                              shard_bytes=200_000, **SMALL)
+
+
+def _calib(n=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [{"input_ids": torch.randint(0, 256, (2, 16), generator=g)} for _ in range(n)]
+
+
+def _tensors(folder: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(str(path)))
+    return out
+
+
+def _meta(folder: Path) -> dict:
+    return json.loads((folder / "quantwise.json").read_text())
+
+
+@pytest.mark.parametrize("config", ["w8", "w4-gptq", "w4-awq", "w8a8-dynamic"])
+def test_streamed_checkpoint_equals_the_in_memory_one(folder, tmp_path, config):
+    calib = _calib()
+    streamed = quantize_folder(folder, config, calib, tmp_path / "s", progress=False)
+    model = load_hf_folder(folder)
+    ref = quantwise.save(quantwise.quantize(model, config, calib, progress=False,
+                                            source=str(folder)), tmp_path / "m")
+    a, b = _tensors(streamed), _tensors(ref)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
+    ma, mb = _meta(streamed), _meta(ref)
+    assert ma["layers"] == mb["layers"] and ma["records"] == mb["records"]
+    # one shard per block plus one for the rest, an index, the config with its quantization
+    index = json.loads((streamed / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) == SMALL["num_hidden_layers"] + 1
+    assert "quantization_config" in json.loads((streamed / "config.json").read_text())
+    loaded = quantwise.load(streamed)
+    ids = calib[0]["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, quantwise.load(ref)(input_ids=ids).logits)
+
+
+def test_bf16_shards_are_computed_in_float32(tmp_path):
+    src = write_llama_folder(tmp_path / "bf16", dtype=torch.bfloat16, shard_bytes=100_000, **SMALL)
+    streamed = quantize_folder(src, "w4-gptq", _calib(), tmp_path / "s", progress=False)
+    model = load_hf_folder(src).float()  # bf16 -> float32 is exact
+    ref = quantwise.save(quantwise.quantize(model, "w4-gptq", _calib(), progress=False,
+                                            source=str(src)), tmp_path / "m")
+    a, b = _tensors(streamed), _tensors(ref)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_truncated_shard_fails_before_any_work(folder, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for path in folder.iterdir():
+        (bad / path.name).write_bytes(path.read_bytes())
+    shard = sorted(bad.glob("model-*.safetensors"))[1]
+    shard.write_bytes(shard.read_bytes()[:-100])
+    before = {p.name: p.read_bytes() for p in bad.iterdir()}
+    with pytest.raises(QuantwiseError, match=shard.name):
+        quantize_folder(bad, "w4-gptq", _calib(), tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # no staging left
+    assert {p.name: p.read_bytes() for p in bad.iterdir()} == before
+
+
+def test_static_activations_are_refused_clearly(folder, tmp_path):
+    with pytest.raises(ConfigError, match="in memory"):
+        quantize_folder(folder, "w8a8", _calib(), tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_gptq_without_calibration_data_is_an_error(folder, tmp_path):
+    with pytest.raises(QuantwiseError, match="calibration data"):
+        quantize_folder(folder, "w4-gptq", None, tmp_path / "out", progress=False)
+
+
+def test_a_folder_without_blocks_is_refused(tmp_path):
+    with pytest.raises((ModelLoadError, QuantwiseError)):
+        quantize_folder(tmp_path, "w8", None, tmp_path / "out", progress=False)
+
+
+def test_stdlib_lm_streams_to_the_in_memory_checkpoint(tmp_path):
+    """The committed, trained stdlib-lm (a single-file folder with tied embeddings)."""
+    from quantwise.models.stdlib_lm import WEIGHTS_DIR, load_stdlib_lm
+
+    g = torch.Generator().manual_seed(1)
+    calib = [{"input_ids": torch.randint(0, 256, (2, 32), generator=g)} for _ in range(3)]
+    streamed = quantize_folder(WEIGHTS_DIR, "w4-gptq", calib, tmp_path / "s", progress=False)
+    ref = quantwise.save(quantwise.quantize(load_stdlib_lm(), "w4-gptq", calib, progress=False,
+                                            source=str(WEIGHTS_DIR)), tmp_path / "m")
+    a, b = _tensors(streamed), _tensors(ref)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert _meta(streamed)["layers"] == _meta(ref)["layers"]
+    assert (streamed / "tokenizer.json").is_file()
