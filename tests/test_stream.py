@@ -119,3 +119,20 @@ def test_stdlib_lm_streams_to_the_in_memory_checkpoint(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert _meta(streamed)["layers"] == _meta(ref)["layers"]
     assert (streamed / "tokenizer.json").is_file()
+
+
+def test_command_line_streams_a_folder(tmp_path, capsys):
+    from quantwise.cli import main
+
+    src = write_llama_folder(tmp_path / "src", dtype=torch.bfloat16, shard_bytes=100_000,
+                             **{**SMALL, "vocab_size": 300})
+    out = tmp_path / "out"
+    code = main(["quantize", str(src), "--stream", "--config", "w4-gptq", "--calib", "stdlib-code",
+                 "--out", str(out), "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0 and report["shards"] == SMALL["num_hidden_layers"] + 1
+    assert report["peak_rss_mib"] > 0 and Path(report["out"]) == out
+    assert quantwise.load(out) is not None
+    assert main(["quantize", str(src), "--stream", "--config", "w8a8", "--out",
+                 str(tmp_path / "o2")]) == 2
+    assert "static activations" in capsys.readouterr().err and not (tmp_path / "o2").exists()

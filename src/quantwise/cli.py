@@ -103,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--formats", help="with --max-drop: comma-separated formats to choose from (default: "
                                      "int4,int8,int8-dynamic,fp16,fp32)")
     q.add_argument("--out", help="output folder (default: quantwise-out/MODEL-CONFIG)")
+    q.add_argument("--stream", action="store_true",
+                   help="MODEL is a Hugging Face folder: quantize it block by block from its shards, "
+                        "one block in memory at a time (weight-only / dynamic configs; no "
+                        "before/after measurement: run `quantwise benchmark OUT`)")
     q.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     q.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     q.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
@@ -232,6 +236,11 @@ def main(argv: list[str] | None = None) -> int:
                                         log=log, weight_dtype=args.weight_dtype)
             elif args.command == "benchmark":
                 report = run_benchmark_job(args.folder, args.data, args.model, log=log)
+            elif args.stream:
+                from quantwise.stream.job import run_stream_job
+
+                report = run_stream_job(args.model, args.config, args.calib, args.out,
+                                        args.overwrite, progress=not quiet, log=log)
             else:
                 report = run_quantize_job(
                     args.model, args.config, args.calib, args.method, args.out, args.overwrite,
@@ -256,6 +265,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "export":
         return _print_export(report, notes, args.json)
+    if getattr(args, "stream", False):
+        report["notes"] = notes
+        print(json.dumps(report, indent=2) if args.json else "\n".join(
+            f"{k}: {v}" for k, v in report.items() if k != "notes")
+            + "".join(f"\nnote: {n}" for n in notes))
+        return 0
     report.notes = notes
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))

@@ -1,0 +1,51 @@
+"""`quantwise quantize FOLDER --stream`: the streamed quantization of a Hugging Face folder, with
+what it took (time, peak resident memory) and what it wrote. The float model is never loaded,
+so there is no before / after measurement here (`quantwise benchmark OUT` does that)."""
+
+from __future__ import annotations
+
+import resource
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from quantwise.config import Config
+from quantwise.data import load_calibration_data
+from quantwise.evaluate import folder_bytes
+from quantwise.stream.quantize import quantize_folder
+
+
+def _tokenizer(folder: Path) -> Any:
+    if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        return None
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError, KeyError):  # a byte-level folder without a transformers tokenizer
+        return None
+
+
+def run_stream_job(folder: str, config: str, calib: str | None, out: str | None,
+                   overwrite: bool = False, progress: bool = True,
+                   log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+    from quantwise.job import default_out
+
+    src = Path(folder)
+    cfg = Config.resolve(config)
+    target = Path(out) if out else default_out(folder, cfg.name)
+    calib_data = None
+    if calib:
+        calib_data = load_calibration_data(calib, None, tokenizer=_tokenizer(src), batch_size=8)
+        log(f"{len(calib_data)} calibration batches from {calib!r}")
+    log(f"streaming {src} block by block with {cfg.name} into {target}")
+    start = time.perf_counter()
+    quantize_folder(src, cfg, calib_data, target, overwrite=overwrite, progress=progress,
+                    source=str(src))
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    shards = sorted(p.name for p in target.glob("*.safetensors"))
+    return {"model": str(src), "config": cfg.name, "out": str(target), "seconds": round(seconds, 1),
+            "peak_rss_mib": round(peak / 2 ** 20, 1), "shards": len(shards),
+            "size_mib": round(folder_bytes(target) / 2 ** 20, 2)}
