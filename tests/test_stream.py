@@ -136,3 +136,52 @@ def test_command_line_streams_a_folder(tmp_path, capsys):
     assert main(["quantize", str(src), "--stream", "--config", "w8a8", "--out",
                  str(tmp_path / "o2")]) == 2
     assert "static activations" in capsys.readouterr().err and not (tmp_path / "o2").exists()
+
+
+@pytest.mark.parametrize("config", ["w4-gptq", "w8"])
+def test_interrupted_run_resumes_to_the_uninterrupted_checkpoint(tmp_path, monkeypatch, config):
+    import quantwise.stream.quantize as sq
+
+    src = write_llama_folder(tmp_path / "src", dtype=torch.bfloat16, shard_bytes=100_000,
+                             **{**SMALL, "num_hidden_layers": 4})
+    whole = quantize_folder(src, config, _calib(), tmp_path / "whole", progress=False)
+    real, calls = sq.load_block, []
+
+    def interrupt_at_block_2(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(sq, "load_block", interrupt_at_block_2)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        quantize_folder(src, config, _calib(), out, progress=False)
+    partial = tmp_path / ".out.partial"
+    assert not out.exists() and json.loads((partial / "progress.json").read_text())["done"] == 2
+    with pytest.raises(QuantwiseError, match="another source"):  # another config: refused
+        quantize_folder(src, "w4", None, out, progress=False, resume=True)
+    if config == "w4-gptq":
+        with pytest.raises(QuantwiseError, match="another source"):  # other calibration data
+            quantize_folder(src, config, _calib(seed=5), out, progress=False, resume=True)
+    read = []
+    monkeypatch.setattr(sq, "load_block", lambda *args: read.append(args[1]) or real(*args))
+    quantize_folder(src, config, _calib(), out, progress=False, resume=True)
+    assert read == ["model.layers.2.", "model.layers.3."]  # blocks 0-1 kept, not redone
+    a, b = _tensors(out), _tensors(whole)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ma, mb = _meta(out), _meta(whole)
+    assert ma["layers"] == mb["layers"] and ma["records"] == mb["records"]
+    assert not partial.exists() and not (out / "progress.json").exists()
+
+
+def test_resume_without_a_partial_run_is_an_error(folder, tmp_path):
+    with pytest.raises(QuantwiseError, match="nothing to resume"):
+        quantize_folder(folder, "w8", None, tmp_path / "out", progress=False, resume=True)
+
+
+def test_command_line_resume_needs_stream(capsys):
+    from quantwise.cli import main
+
+    assert main(["quantize", "digits", "--resume"]) == 2
+    assert "--stream" in capsys.readouterr().err

@@ -107,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="MODEL is a Hugging Face folder: quantize it block by block from its shards, "
                         "one block in memory at a time (weight-only / dynamic configs; no "
                         "before/after measurement: run `quantwise benchmark OUT`)")
+    q.add_argument("--resume", action="store_true",
+                   help="with --stream: continue an interrupted run from its first unfinished block "
+                        "(same model, config and calibration data; the result is that of one run)")
     q.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     q.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     q.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
@@ -211,6 +214,9 @@ def _max_drop(text: str | None) -> float | str | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "quantize" and args.resume and not args.stream:
+        print("quantwise: error: --resume continues a --stream run: add --stream", file=sys.stderr)
+        return 2
     quiet = getattr(args, "quiet", False) or args.json
     log = (lambda _: None) if quiet else (lambda m: print(m, file=sys.stderr))
     try:
@@ -240,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
                 from quantwise.stream.job import run_stream_job
 
                 report = run_stream_job(args.model, args.config, args.calib, args.out,
-                                        args.overwrite, progress=not quiet, log=log)
+                                        args.overwrite, progress=not quiet, log=log,
+                                        resume=args.resume)
             else:
                 report = run_quantize_job(
                     args.model, args.config, args.calib, args.method, args.out, args.overwrite,
@@ -252,7 +259,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"quantwise: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("quantwise: interrupted; nothing was written", file=sys.stderr)
+        if getattr(args, "stream", False):
+            print("quantwise: interrupted; the finished blocks are kept: run the same command "
+                  "with --resume to continue", file=sys.stderr)
+        else:
+            print("quantwise: interrupted; nothing was written", file=sys.stderr)
         return 130
     if args.command == "qat":
         print(json.dumps(report.to_dict(), indent=2) if args.json else report)

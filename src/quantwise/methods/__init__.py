@@ -50,11 +50,13 @@ def _selected(model: nn.Module, config: Config, bits: int | None
 
 def apply_method(model: nn.Module, config: Config, calib_data: Iterable[Any] | None,
                  progress: bool = False, load_block: Callable[[int], nn.Module] | None = None,
-                 finish_block: Callable[[int, nn.Module], None] | None = None) -> dict[str, Any]:
+                 finish_block: Callable[..., None] | None = None, start: int = 0,
+                 carried: list[torch.Tensor] | None = None) -> dict[str, Any]:
     """Run config.method on `model` in place; returns a small report (what ran where).
     `load_block` / `finish_block`: the blocks are read and released one at a time
     (quantwise.stream; methods/blocks.py run_blocks), so `model`'s own blocks may be meta-device
-    placeholders; each finished block gets its unseen Linears rounded before it is handed on."""
+    placeholders; each finished block gets its unseen Linears rounded before it is handed on.
+    `start` / `carried`: resume at that block with those hidden states (run_blocks)."""
     method, args = config.method, dict(config.method_args)
     if method is None:
         return {}
@@ -112,13 +114,14 @@ def apply_method(model: nn.Module, config: Config, calib_data: Iterable[Any] | N
 
         finish = None
         if finish_block is not None:
-            def finish(index: int, block: nn.Module) -> None:
+            def finish(index: int, block: nn.Module, outputs: list[torch.Tensor]) -> None:
                 prefix = f"{found[0]}.{index}."
                 round_unseen({n: block.get_submodule(n[len(prefix):]) for n in linears
                               if n.startswith(prefix)})
-                finish_block(index, block)
+                finish_block(index, block, outputs)
         report.update(run_blocks(model, calib_data, process, linears, progress=progress,
-                                 desc=method, load_block=load_block, finish_block=finish))
+                                 desc=method, load_block=load_block, finish_block=finish,
+                                 start=start, carried=carried))
         if finish_block is None:
             round_unseen(linears)
         report["unseen_layers"] = unseen

@@ -244,14 +244,18 @@ def run_blocks(model: nn.Module, calib_data: Iterable[Any],
                process: Callable[[BlockPass], None], selected: dict[str, nn.Module],
                progress: bool = False, desc: str = "blocks",
                load_block: Callable[[int], nn.Module] | None = None,
-               finish_block: Callable[[int, nn.Module], None] | None = None) -> dict[str, Any]:
+               finish_block: Callable[[int, nn.Module, list[torch.Tensor]], None] | None = None,
+               start: int = 0, carried: list[torch.Tensor] | None = None) -> dict[str, Any]:
     """Run `process` on each block in order (see the module docstring); returns a report:
     blocks name, count, Linears processed, peak number of captured inputs held.
 
     Streaming (quantwise.stream): `load_block(i)` returns block i with real weights (the
     model's own block may be a meta-device placeholder, never run), and `finish_block(i,
-    block)` takes it once its outputs are carried on (to convert, write and free it); a
-    selected Linear is looked up in the block by its name, not taken from `selected`."""
+    block, outputs)` takes it with its outputs, the next block's hidden-state inputs (to
+    convert, write and free it, and keep the outputs for a resume); a selected Linear is looked
+    up in the block by its name, not taken from `selected`. `start` / `carried`: resume at
+    block `start`, whose inputs' hidden states are `carried` (the other inputs, masks and
+    rotary tables, are captured again: they do not depend on the blocks)."""
     found = find_blocks(model)
     if found is None:
         raise QuantwiseError("no repeated transformer blocks found (an nn.ModuleList of same-type "
@@ -266,8 +270,15 @@ def run_blocks(model: nn.Module, calib_data: Iterable[Any],
             inputs = capture_block_inputs(model, blocks[0], calib_data)
             report["samples"] = len(inputs)
             report["input_bytes"] = sum(i.hidden.numel() * i.hidden.element_size() for i in inputs)
+            if carried is not None:
+                if len(carried) != len(inputs):
+                    raise QuantwiseError(f"resume: {len(carried)} carried hidden states for "
+                                         f"{len(inputs)} calibration inputs")
+                for item, hidden in zip(inputs, carried):
+                    item.hidden = hidden
             from tqdm.auto import tqdm
-            for index in tqdm(range(len(blocks)), desc=desc, disable=not progress):
+            for index in tqdm(range(start, len(blocks)), desc=desc, disable=not progress,
+                              initial=start, total=len(blocks)):
                 block = blocks[index] if load_block is None else load_block(index)
                 prefix = f"{blocks_name}.{index}." if blocks_name else f"{index}."
                 linears = {n: block.get_submodule(n[len(prefix):]) for n in selected
@@ -281,7 +292,7 @@ def run_blocks(model: nn.Module, calib_data: Iterable[Any],
                     item.hidden = bp.forward(item)
                 report["block_forward_calls"].append(bp.forward_calls)
                 if finish_block is not None:
-                    finish_block(index, block)
+                    finish_block(index, block, [item.hidden for item in inputs])
                 del block, bp, linears
                 release_free_memory()
     finally:

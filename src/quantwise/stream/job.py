@@ -29,7 +29,8 @@ def _tokenizer(folder: Path) -> Any:
 
 def run_stream_job(folder: str, config: str, calib: str | None, out: str | None,
                    overwrite: bool = False, progress: bool = True,
-                   log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+                   log: Callable[[str], None] = lambda _: None, resume: bool = False
+                   ) -> dict[str, Any]:
     from quantwise.job import default_out
 
     src = Path(folder)
@@ -39,10 +40,11 @@ def run_stream_job(folder: str, config: str, calib: str | None, out: str | None,
     if calib:
         calib_data = load_calibration_data(calib, None, tokenizer=_tokenizer(src), batch_size=8)
         log(f"{len(calib_data)} calibration batches from {calib!r}")
-    log(f"streaming {src} block by block with {cfg.name} into {target}")
+    log(f"streaming {src} block by block with {cfg.name} into {target}"
+        + (" (resuming)" if resume else ""))
     start = time.perf_counter()
     quantize_folder(src, cfg, calib_data, target, overwrite=overwrite, progress=progress,
-                    source=str(src))
+                    source=str(src), resume=resume)
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
     shards = sorted(p.name for p in target.glob("*.safetensors"))

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -42,6 +41,7 @@ from quantwise.methods.blocks import find_blocks, release_free_memory
 from quantwise.modules import ObservedLayer, is_supported, unsupported_reason
 from quantwise.state import LayerRecord, QuantState, get_state, set_state
 from quantwise.stream.folder import load_block, materialize_rest, meta_skeleton
+from quantwise.stream.progress import Progress, partial_dir, run_key
 from quantwise.workflow import (_code_limits, _convert_layer, _needs_calibration, nonempty,
                                 prepare)
 
@@ -50,10 +50,12 @@ _SHARD_META = {"format": "quantwise", "version": str(FORMAT_VERSION)}
 
 def quantize_folder(folder: str | os.PathLike, config: "Config | str", calib_data:
                     Iterable[Any] | None, out: str | os.PathLike, *, overwrite: bool = False,
-                    progress: bool = True, source: str | None = None) -> Path:
+                    progress: bool = True, source: str | None = None, resume: bool = False) -> Path:
     """Quantize the Hugging Face folder `folder` with `config` into `out`, holding one block's
     float32 weights at a time (see the module docstring); returns the output folder.
-    `source` is recorded as the model's origin (default: the folder)."""
+    `source` is recorded as the model's origin (default: the folder). An interrupted run
+    leaves its finished blocks in `.OUT.partial` (stream/progress.py); `resume=True` continues
+    from the first unfinished block, with the result of an uninterrupted run."""
     folder = Path(folder)
     config = Config.resolve(config)
     checkpoint = ShardedCheckpoint.open(folder)
@@ -74,6 +76,8 @@ def quantize_folder(folder: str | os.PathLike, config: "Config | str", calib_dat
                           "SmoothQuant need the whole model's calibration: quantize in memory")
     if config.method in ("gptq", "awq"):
         calib_data = list(nonempty(calib_data, f"calibration data (method {config.method!r} needs it)"))
+    else:
+        calib_data = None  # nothing to calibrate: the blocks need no inputs
     blocks_name, blocks = found
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     state = get_state(prepare(meta_skeleton(folder), config, source=source or str(folder),
@@ -82,10 +86,12 @@ def quantize_folder(folder: str | os.PathLike, config: "Config | str", calib_dat
     checkpoint.close()
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    staging = partial_dir(out)
+    run = Progress.begin(staging, run_key(checkpoint, config, calib_data), resume)
     staging.chmod(0o777 & ~_umask())
     files = shard_file_names(len(blocks) + 1)
     writer = _Writer(staging, config, state)
+    writer.restore(run.saved)
     try:
         def read(index: int) -> nn.Module:
             block = load_block(blocks[index], f"{blocks_name}.{index}.", checkpoint)
@@ -94,26 +100,30 @@ def quantize_folder(folder: str | os.PathLike, config: "Config | str", calib_dat
             checkpoint.close()
             return block
 
-        def finish(index: int, block: nn.Module) -> None:
+        def finish(index: int, block: nn.Module, outputs: list | None = None) -> None:
             prefix = f"{blocks_name}.{index}."
             writer.convert(block, prefix)
             writer.write(block.state_dict(), prefix, files[index])
+            run.save(index + 1, writer.state_dict(), outputs)
 
         if config.method in ("gptq", "awq"):
             apply_method(model, config, calib_data, progress=progress, load_block=read,
-                         finish_block=finish)
+                         finish_block=finish, start=run.done, carried=run.carried)
         else:
             from tqdm.auto import tqdm
-            for index in tqdm(range(len(blocks)), desc="blocks", disable=not progress):
+            for index in tqdm(range(run.done, len(blocks)), desc="blocks", disable=not progress,
+                              initial=run.done, total=len(blocks)):
                 finish(index, read(index))
                 release_free_memory()
         writer.convert(model, "", skip=blocks_name)
         rest = {k: v for k, v in model.state_dict().items() if not k.startswith(blocks_name + ".")}
         writer.write(rest, "", files[-1])
         writer.finish(model, order)
+        run.clear()
         _swap_in(staging, out)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        if run.done == 0:  # nothing worth resuming
+            shutil.rmtree(staging, ignore_errors=True)
         raise
     finally:
         checkpoint.close()
@@ -129,6 +139,18 @@ class _Writer:
         self.weight_map: dict[str, str] = {}
         self.total = 0
         self.tied: dict = {}  # shared by the parts outside the blocks (embedding / head ties)
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resume needs of the finished blocks (stream/progress.py)."""
+        return {"layers": self.layers, "weight_map": self.weight_map, "total": self.total,
+                "records": [r.to_dict() for r in self.state.records.values()]}
+
+    def restore(self, saved: dict[str, Any]) -> None:
+        if not saved:
+            return
+        self.layers, self.weight_map = dict(saved["layers"]), dict(saved["weight_map"])
+        self.total = int(saved["total"])
+        self.state.records = {r["name"]: LayerRecord(**r) for r in saved["records"]}
 
     def convert(self, root: nn.Module, prefix: str, skip: str | None = None) -> None:
         observed: list[tuple[str, ObservedLayer]] = []
