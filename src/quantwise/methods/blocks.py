@@ -204,21 +204,27 @@ class BlockPass:
         """Run the block on every input; call on_input(leader, rows) once per distinct Linear
         input per sample (Linears fed the very same tensor, e.g. q/k/v, share one leader).
         Returns (and keeps in .groups) leader -> [names of the Linears sharing that input], in
-        the order the block calls them. `only`: watch just these Linears."""
+        the order the block calls them. `only`: watch just these Linears, and stop each forward
+        once all of them have been called (GPTQ's sequential passes for o_proj skip the MLP:
+        the 1.1B shape's 94 s per block spent five full forwards on 16K tokens)."""
         seen: dict[int, tuple[torch.Tensor, str]] = {}  # id(input) -> (input kept alive, leader)
         follower_of: dict[str, str] = {}
         state: dict[str, Any] = {}
+        fired: set[str] = set()
 
         def make_hook(name: str):
             def hook(module, args):
                 x = args[0]
                 hit = seen.get(id(x))
+                fired.add(name)
                 if hit is not None and hit[0] is x:
                     follower_of.setdefault(name, hit[1])
-                    return
-                seen[id(x)] = (x, name)
-                follower_of.setdefault(name, name)
-                on_input(name, rows(x.detach(), state["mask"]))
+                else:
+                    seen[id(x)] = (x, name)
+                    follower_of.setdefault(name, name)
+                    on_input(name, rows(x.detach(), state["mask"]))
+                if only is not None and len(fired) == len(watched):
+                    raise _Captured  # `only`'s inputs are all in: the rest of the block is not needed
             return hook
 
         watched = self.linears if only is None else {n: self.linears[n] for n in only}
@@ -227,7 +233,11 @@ class BlockPass:
             for item in self.inputs:
                 state["mask"] = item.token_mask
                 seen.clear()
-                self.forward(item)
+                fired.clear()
+                try:
+                    self.forward(item)
+                except _Captured:
+                    pass
         finally:
             for handle in handles:
                 handle.remove()
