@@ -276,18 +276,16 @@ static int quantize_rows(const float *x, int m, int k, int16_t *q, float *sx) {
         const float *xi = x + (int64_t)i * k;
         int16_t *qi = q + (int64_t)i * k;
         const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
-        __m256 mx = _mm256_setzero_ps();
-        for (int j = 0; j < k; j += 8)  /* max_ps(NaN, m) = m: finiteness is checked below */
-            mx = _mm256_max_ps(mx, _mm256_and_ps(_mm256_loadu_ps(xi + j), absmask));
+        __m256 mx = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
+        for (int j = 0; j < k; j += 8) {  /* one pass: the maximum, and NaN / Inf (x - x is NaN) */
+            const __m256 v = _mm256_loadu_ps(xi + j);
+            mx = _mm256_max_ps(mx, _mm256_and_ps(v, absmask));
+            bad = _mm256_or_ps(bad, _mm256_cmp_ps(_mm256_sub_ps(v, v), v, _CMP_UNORD_Q));
+        }
         __m128 h = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
         h = _mm_max_ps(h, _mm_movehl_ps(h, h));
         h = _mm_max_ss(h, _mm_shuffle_ps(h, h, 1));
         const float amax = _mm_cvtss_f32(h);
-        __m256 bad = _mm256_setzero_ps();  /* NaN or Inf anywhere: x - x is NaN */
-        for (int j = 0; j < k; j += 8) {
-            const __m256 v = _mm256_loadu_ps(xi + j);
-            bad = _mm256_or_ps(bad, _mm256_cmp_ps(_mm256_sub_ps(v, v), v, _CMP_UNORD_Q));
-        }
         if (_mm256_movemask_ps(bad)) return 0;
         if (amax == 0.0f) {
             for (int j = 0; j < k; j++) qi[j] = 0;
