@@ -476,3 +476,17 @@ def test_asymmetric_same_padding_falls_back():
     assert "padding" in kernel.fallback_reason
     sim = F.conv2d(sim_input(x, act), numerics.dequantize(codes, scale, zp, W8), None, 1, "same")
     torch.testing.assert_close(kernel(x), sim, rtol=0, atol=0)
+
+
+def test_int4pack_rows_packed_in_chunks_give_the_whole_layout(monkeypatch):
+    from quantwise.kernels.weight_only import Int4PackLinear
+
+    spec = QuantSpec(Format.INT4, symmetric=True, granularity=PerGroup(32))
+    codes = torch.randint(-8, 8, (160, 64), dtype=torch.int8, generator=torch.Generator().manual_seed(0))
+    scale = torch.rand(160, 2) + 0.1
+    whole = Int4PackLinear(codes, scale, spec, None)
+    monkeypatch.setattr(Int4PackLinear, "ROWS", 64)  # 3 calls, the last one 32 rows
+    chunked = Int4PackLinear(codes, scale, spec, None)
+    assert torch.equal(chunked.packed, whole.packed)
+    x = torch.randn(3, 64)
+    assert torch.equal(chunked(x), whole(x))

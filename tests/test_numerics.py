@@ -18,7 +18,7 @@ from quantwise.errors import ConfigError
 from quantwise.numerics import (
     TINY, dequantize, fake_quantize, pack_int4, qparams_from_range, quantize, tensor_range,
     unpack_int4)
-from quantwise.spec import Format, PerChannel, PerGroup, PerTensor, QuantSpec
+from quantwise.spec import Format, PerChannel, PerGroup, PerTensor, PerToken, QuantSpec
 
 FP32_MAX = torch.finfo(torch.float32).max
 EPS32 = float(np.finfo(np.float32).eps)
@@ -267,3 +267,24 @@ def test_format_table():
         (-128, 127), (0, 255), (-8, 7), (0, 15)]
     assert QuantSpec("int8", narrow_range=True).qmin == -127
     assert Format.parse("FP8_E5M2") is Format.FP8_E5M2
+
+
+@pytest.mark.parametrize("spec", [
+    QuantSpec(Format.INT8, symmetric=True, granularity=PerChannel(0)),
+    QuantSpec(Format.INT8, symmetric=True, granularity=PerChannel(1)),  # scales along columns
+    QuantSpec(Format.UINT8, symmetric=False, granularity=PerTensor()),
+    QuantSpec(Format.INT4, symmetric=True, granularity=PerGroup(16)),
+    QuantSpec(Format.UINT4, symmetric=False, granularity=PerGroup(16)),
+    QuantSpec(Format.INT8, symmetric=True, granularity=PerToken()),
+    QuantSpec(Format.FP8_E4M3, symmetric=True, granularity=PerChannel(0))])
+@pytest.mark.parametrize("shape", [(64, 48), (48, 48), (3, 40, 32), (130, 16)])
+def test_large_tensors_quantize_in_row_chunks_to_the_same_codes(spec, shape, monkeypatch):
+    import quantwise.numerics as numerics
+
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 3
+    scale, zp = qparams_from_range(*tensor_range(x, spec), spec)
+    whole = quantize(x, scale, zp, spec)
+    monkeypatch.setattr(numerics, "CHUNK_ELEMENTS", 500)  # several chunks of rows
+    chunked = quantize(x, scale, zp, spec)
+    assert chunked.dtype == whole.dtype and chunked.shape == whole.shape
+    assert torch.equal(chunked.view(torch.uint8), whole.view(torch.uint8))

@@ -109,9 +109,41 @@ def _broadcast(p: torch.Tensor, x: torch.Tensor, spec: QuantSpec) -> tuple[torch
     return p.unsqueeze(-1), _grouped(x, g.size)
 
 
+# Tensors larger than this are quantized in chunks of rows (the same values): the float
+# temporary of x / scale stays ~64 MB instead of a copy of a 262 MB embedding table or head.
+CHUNK_ELEMENTS = 1 << 24
+
+
+def _splits_by_row(x: torch.Tensor, p: torch.Tensor, spec: QuantSpec) -> bool:
+    """Whether qparams `p` hold one leading entry per row of x (sliced with it)."""
+    g = spec.granularity
+    if p.dim() == 0 or isinstance(g, PerTensor) or p.shape[0] != x.shape[0]:
+        return False
+    return g.axis % x.dim() == 0 if isinstance(g, PerChannel) else True
+
+
 def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec: QuantSpec
              ) -> torch.Tensor:
     """Integer codes (int8 for signed, uint8 for unsigned; int4 codes unpacked) or fp8 values."""
+    scale, zero_point = torch.as_tensor(scale), torch.as_tensor(zero_point)
+    if x.numel() <= CHUNK_ELEMENTS or x.dim() < 2:
+        return _quantize(x, scale, zero_point, spec)
+    by_row = [_splits_by_row(x, p, spec) for p in (scale, zero_point)]
+    if not all(split or p.numel() == 1 for p, split in zip((scale, zero_point), by_row)):
+        return _quantize(x, scale, zero_point, spec)  # qparams along another axis: in one go
+    rows = max(1, CHUNK_ELEMENTS // x[0].numel())
+    out = None
+    for i in range(0, x.shape[0], rows):
+        s, z = (p[i:i + rows] if split else p for p, split in zip((scale, zero_point), by_row))
+        part = _quantize(x[i:i + rows], s, z, spec)
+        if out is None:
+            out = torch.empty((x.shape[0], *part.shape[1:]), dtype=part.dtype)
+        out[i:i + rows] = part
+    return out
+
+
+def _quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec: QuantSpec
+              ) -> torch.Tensor:
     fmt = spec.format
     if not fmt.is_integer:
         if fmt in (Format.FP8_E4M3, Format.FP8_E5M2):
@@ -150,17 +182,19 @@ def pack_int4(codes: torch.Tensor) -> torch.Tensor:
     `codes` holds int4 values in [-8, 7] (int8) or uint4 in [0, 15] (uint8); an odd last
     dimension is padded with a zero code. Returns uint8 of shape (..., ceil(K / 2)).
     """
-    u = codes.to(torch.int16).bitwise_and_(0xF)
+    # in bytes throughout (two's-complement nibbles): a 32K x 2048 head's temporaries are
+    # 65 MB, not the 0.4 GB of int16 copies
+    u = codes.to(torch.int8 if codes.dtype != torch.uint8 else torch.uint8).view(torch.uint8) & 0xF
     if u.shape[-1] % 2:
         u = torch.nn.functional.pad(u, (0, 1))
-    return (u[..., 0::2] | (u[..., 1::2] << 4)).to(torch.uint8)
+    return u[..., 0::2] | (u[..., 1::2] << 4)
 
 
 def unpack_int4(packed: torch.Tensor, length: int, signed: bool = True) -> torch.Tensor:
     """Inverse of pack_int4: codes of last dimension `length` (int8 if signed else uint8)."""
-    p = packed.to(torch.int16)
-    u = torch.stack([p & 0xF, (p >> 4) & 0xF], dim=-1).reshape(*packed.shape[:-1], 2 * packed.shape[-1])
-    u = u[..., :length]
-    if signed:
-        return torch.where(u >= 8, u - 16, u).to(torch.int8)
-    return u.to(torch.uint8)
+    p = packed.to(torch.uint8)
+    u = torch.stack([p & 0xF, p >> 4], dim=-1).reshape(*packed.shape[:-1], 2 * packed.shape[-1])
+    u = u[..., :length].contiguous()
+    if signed:  # u ^ 8 - 8: 0..7 stay, 8..15 become -8..-1 (in place, in int8)
+        return u.view(torch.int8).bitwise_xor_(8).sub_(8)
+    return u

@@ -103,6 +103,14 @@ def conv_args(module: nn.Module) -> dict:
     return args
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN / Inf in t, from its max and min (both propagate NaN): no temporaries, where
+    torch.isfinite(t).all() made |t| and three boolean copies (0.46 GB for a 262 MB head)."""
+    if t.numel() == 0 or not t.is_floating_point():
+        return True
+    return bool(torch.isfinite(t.amax())) and bool(torch.isfinite(t.amin()))
+
+
 def unsupported_reason(module: nn.Module) -> str | None:
     """Why a layer of a supported type still cannot be quantized, or None."""
     if kind_of(module) is None:
@@ -115,6 +123,6 @@ def unsupported_reason(module: nn.Module) -> str | None:
     if isinstance(module, nn.Embedding) and module.max_norm is not None:
         return "Embedding with max_norm renormalizes its weight in place"
     # a meta-device weight (streaming's skeleton, quantwise.stream) is checked once it is read
-    if not module.weight.is_meta and not torch.isfinite(module.weight).all():
+    if not module.weight.is_meta and not all_finite(module.weight):
         return "weight holds NaN or Inf"
     return None
