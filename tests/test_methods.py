@@ -70,6 +70,29 @@ def test_hessian_accumulator_is_2_x_xt_over_n():
     torch.testing.assert_close(acc.value(), 2 * x.double().t() @ x.double() / 300, rtol=1e-5, atol=1e-6)
 
 
+def test_hessian_accumulator_in_column_chunks_and_taken(monkeypatch):
+    monkeypatch.setattr(HessianAccumulator, "CHUNK", 7)  # 16 columns: chunks of 7, 7, 2
+    x = torch.randn(300, 16)
+    acc = HessianAccumulator(16)
+    for part in x.split(70):
+        acc.add(part)
+    h = acc.take()
+    torch.testing.assert_close(h, 2 * x.double().t() @ x.double() / 300, rtol=1e-5, atol=1e-6)
+    assert acc.h is None  # handed over: the accumulator no longer keeps it alive
+
+
+@pytest.mark.parametrize("n", [1, 5, 300])
+def test_symmetric_permutation_in_place_is_index_select(n):
+    from quantwise.methods.gptq import _permute_symmetric_
+
+    a = torch.randn(n, n, dtype=torch.float64)
+    a = a + a.t()
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(n))
+    expected = a.index_select(0, perm).index_select(1, perm)
+    _permute_symmetric_(a, perm, rows=64)
+    assert torch.equal(a, expected)
+
+
 @pytest.mark.parametrize("args", [{}, {"act_order": True}, {"damp": 0.1}, {"damp": 0.0},
                                   {"act_order": True, "block_size": 32}])
 def test_gptq_beats_rtn_on_correlated_inputs(args):

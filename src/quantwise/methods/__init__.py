@@ -12,9 +12,10 @@ codes are the method's codes.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -24,6 +25,9 @@ from quantwise.errors import ConfigError, QuantwiseWarning
 from quantwise.methods.weights import (PRECOMPUTED_ATTR, WeightTarget, rtn, rtn_mse, set_result,
                                        weight_target)
 from quantwise.modules.layers import float_weight, is_supported, kind_of, unsupported_reason
+
+if TYPE_CHECKING:
+    from quantwise.methods.blocks import BlockStream
 
 WEIGHT_METHODS = ("rtn", "gptq", "awq")
 
@@ -49,14 +53,11 @@ def _selected(model: nn.Module, config: Config, bits: int | None
 
 
 def apply_method(model: nn.Module, config: Config, calib_data: Iterable[Any] | None,
-                 progress: bool = False, load_block: Callable[[int], nn.Module] | None = None,
-                 finish_block: Callable[..., None] | None = None, start: int = 0,
-                 carried: list[torch.Tensor] | None = None) -> dict[str, Any]:
+                 progress: bool = False, stream: "BlockStream | None" = None) -> dict[str, Any]:
     """Run config.method on `model` in place; returns a small report (what ran where).
-    `load_block` / `finish_block`: the blocks are read and released one at a time
-    (quantwise.stream; methods/blocks.py run_blocks), so `model`'s own blocks may be meta-device
-    placeholders; each finished block gets its unseen Linears rounded before it is handed on.
-    `start` / `carried`: resume at that block with those hidden states (run_blocks)."""
+    `stream`: the blocks are read and released one at a time (quantwise.stream; BlockStream in
+    methods/blocks.py), so `model`'s own blocks may be meta-device placeholders; each finished
+    block gets its unseen Linears rounded before it is handed on."""
     method, args = config.method, dict(config.method_args)
     if method is None:
         return {}
@@ -89,11 +90,11 @@ def apply_method(model: nn.Module, config: Config, calib_data: Iterable[Any] | N
     # method compensates for them.
     rest = [n for n in selected if n not in linears]
     for name in rest:
-        module, target = selected[name]
-        w = float_weight(module).detach().float()
-        deq, scale, zp = rtn_mse(w, target) if method in ("gptq", "awq") else rtn(w, target)
-        set_result(module, target, deq, scale, zp)
+        _round(*selected[name], mse=method in ("gptq", "awq"))
     report["rtn_layers"] = len(rest)
+    # only the blocks' Linears are looked up from here on: no reference to the other layers
+    # (streaming frees the embeddings and the head once they are written)
+    selected = {n: selected[n] for n in linears}
     if linears:
         if calib_data is None:
             raise ConfigError(f"method {method!r} needs calibration data")
@@ -112,24 +113,32 @@ def apply_method(model: nn.Module, config: Config, calib_data: Iterable[Any] | N
                     set_result(module, target, *rtn(float_weight(module).detach().float(), target))
                     unseen.append(name)
 
-        finish = None
-        if finish_block is not None:
+        if stream is not None:
+            handed_on = stream.finish
+
             def finish(index: int, block: nn.Module, outputs: list[torch.Tensor]) -> None:
                 prefix = f"{found[0]}.{index}."
                 round_unseen({n: block.get_submodule(n[len(prefix):]) for n in linears
                               if n.startswith(prefix)})
-                finish_block(index, block, outputs)
+                handed_on(index, block, outputs)
+            stream = dataclasses.replace(stream, finish=finish)
         report.update(run_blocks(model, calib_data, process, linears, progress=progress,
-                                 desc=method, load_block=load_block, finish_block=finish,
-                                 start=start, carried=carried))
-        if finish_block is None:
+                                 desc=method, stream=stream))
+        if stream is None:
             round_unseen(linears)
         report["unseen_layers"] = unseen
     report["method_layers"] = len(linears)
     return report
 
 
+def _round(module: nn.Module, target: WeightTarget, mse: bool) -> None:
+    """Round-to-nearest of one layer (its temporaries die here, not in the caller's frame)."""
+    w = float_weight(module).detach().float()
+    set_result(module, target, *(rtn_mse(w, target) if mse else rtn(w, target)))
+
+
 def _gptq_process(targets: dict[str, WeightTarget], args: dict, report: dict):
+    from quantwise.methods.blocks import release_free_memory
     from quantwise.methods.gptq import HessianAccumulator, gptq_quantize
 
     damp = float(args.get("damp", 0.01))
@@ -139,7 +148,7 @@ def _gptq_process(targets: dict[str, WeightTarget], args: dict, report: dict):
     sequential = bool(args.get("sequential", True))
     report.update(damp=damp, act_order=act_order, mse=mse, sequential=sequential)
 
-    def quantize_group(bp, names: list[str], h) -> None:
+    def quantize_group(bp, names: list[str], acc: "HessianAccumulator | None") -> None:
         # Linears sharing an input (q/k/v) share H: GPTQ treats rows independently, so their
         # weights run stacked, once (the same result, one factorization, fewer steps).
         by_target: dict[WeightTarget, list[str]] = {}
@@ -148,12 +157,14 @@ def _gptq_process(targets: dict[str, WeightTarget], args: dict, report: dict):
         last = list(by_target)[-1]
         for target, members in by_target.items():
             ws = [float_weight(bp.linears[n]).detach().float() for n in members]
-            w = torch.cat(ws)
-            if h is None:
+            w = ws[0] if len(ws) == 1 else torch.cat(ws)  # (cat would copy even one)
+            if acc is None:
                 deq, scale, zp = rtn(w, target)
             else:
-                # the last user of h may factorize it in place (one H-sized copy less)
-                deq, scale, zp = gptq_quantize(w, h, target, damp=damp, act_order=act_order,
+                # the last user of H takes it and factorizes it in place (one H-sized copy
+                # less; freed before the column loop)
+                deq, scale, zp = gptq_quantize(w, acc.take() if target is last else acc.value(),
+                                               target, damp=damp, act_order=act_order,
                                                block_size=block_size, mse=mse,
                                                overwrite_h=target is last)
             start = 0
@@ -186,13 +197,15 @@ def _gptq_process(targets: dict[str, WeightTarget], args: dict, report: dict):
                 # true-sequential: this group's inputs with the groups before it quantized
                 hessians.clear()
                 bp.collect(on_input, only=names)
-                h = next(iter(hessians.values())).value() if hessians else None
+                acc = next(iter(hessians.values()), None)
             else:
-                h = hessians[leader].value() if leader in hessians else None
-            held = sum(acc.value().numel() * 8 for acc in hessians.values())
+                acc = hessians.get(leader)
+            held = sum(a.value().numel() * 8 for a in hessians.values())
             report["hessian_bytes_peak"] = max(report.get("hessian_bytes_peak", 0), held)
-            quantize_group(bp, names, h)
+            release_free_memory()  # the passes' freed temporaries: not on top of GPTQ's peak
+            quantize_group(bp, names, acc)
             hessians.pop(leader, None)  # freed as soon as its Linears are done
+            release_free_memory()
         hessians.clear()
     return process
 
