@@ -95,7 +95,7 @@ def _wrong_shape(folder):
     config = json.loads((folder / "config.json").read_text())
     config["intermediate_size"] = 96
     (folder / "config.json").write_text(json.dumps(config))
-    return "mlp.gate_proj.weight"
+    return "mlp.down_proj.weight"  # the first MLP tensor in (sorted) index order
 
 
 def _fewer_layers(folder):

@@ -206,7 +206,9 @@ def _code_limits(layers: list[ObservedLayer]) -> dict[int, int]:
 
 
 def _convert_layer(obs: ObservedLayer, record: LayerRecord, tied: dict,
-                   limits: dict[int, int]) -> QuantizedLayer | None:
+                   limits: dict[int, int], build: bool = True) -> QuantizedLayer | None:
+    """The QuantizedLayer of an observed layer (None: it stays float, the record says why).
+    build=False leaves the kernel to `record_kernel` (the caller frees the float layer first)."""
     module, cfg = obs.module, obs.layer_config
     if obs.weight_read:
         return _keep_float(record, "the model reads this layer's .weight while it runs (e.g. "
@@ -252,7 +254,7 @@ def _convert_layer(obs: ObservedLayer, record: LayerRecord, tied: dict,
                             None if bias is None else bias.numel(), layer_args,
                             output_qparams=output_qparams is not None)
     qlayer.set_quantized(codes, scale, zp, None if bias is None else bias.detach(), input_qparams,
-                         output_qparams)
+                         output_qparams, build=build)
     if owner is not None:
         qlayer.tie_weight(owner)
         _note(record, f"weight tied to {owner.qname!r}: quantized once, shared")
@@ -261,9 +263,17 @@ def _convert_layer(obs: ObservedLayer, record: LayerRecord, tied: dict,
     qlayer.qname = obs.qname
     record.status = "quantized"
     record.config = replace(cfg, weight=spec, activation=act_spec, dynamic=dynamic).describe()
+    if build:
+        record_kernel(qlayer, record)
+    return qlayer
+
+
+def record_kernel(qlayer: QuantizedLayer, record: LayerRecord) -> None:
+    """Build the layer's kernel if it has none; the record names it and any fallback."""
+    if qlayer.kernel is None:
+        qlayer.build_kernel()
     record.kernel = qlayer.kernel_name
     _note(record, qlayer.fallback_reason)
-    return qlayer
 
 
 def _weight_code_limit(kind: str, spec: QuantSpec, act_spec: QuantSpec | None) -> int | None:

@@ -288,5 +288,6 @@ def write_index(folder: Path, weight_map: dict[str, str], total_bytes: int,
     from quantwise.fileio import atomic_write_text
 
     atomic_write_text(folder / INDEX, json.dumps(
-        {"metadata": {"total_size": total_bytes, **(metadata or {})}, "weight_map": weight_map},
+        {"metadata": {"total_size": total_bytes, **(metadata or {})},
+         "weight_map": dict(sorted(weight_map.items()))},
         indent=1) + "\n")

@@ -24,6 +24,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -250,28 +251,41 @@ class BlockPass:
         return groups
 
 
+@dataclass
+class BlockStream:
+    """How run_blocks gets and hands back blocks when they are streamed (quantwise.stream).
+
+    `load(i)` returns block i with real weights (the model's own block may be a meta-device
+    placeholder, never run); `finish(i, block, outputs)` takes it with its outputs, the next
+    block's hidden-state inputs (to convert, write and free it, and keep the outputs for a
+    resume); `after_capture()` runs once block 0's inputs are captured (the layers outside the
+    blocks are not needed any more: written and freed). `start` / `carried`: resume at block
+    `start`, whose inputs' hidden states are `carried` (the other inputs, masks and rotary
+    tables, are captured again: they do not depend on the blocks)."""
+
+    load: Callable[[int], nn.Module]
+    finish: Callable[[int, nn.Module, list[torch.Tensor]], None]
+    start: int = 0
+    carried: list[torch.Tensor] | None = None
+    after_capture: Callable[[], None] | None = None
+
+
 def run_blocks(model: nn.Module, calib_data: Iterable[Any],
                process: Callable[[BlockPass], None], selected: dict[str, nn.Module],
                progress: bool = False, desc: str = "blocks",
-               load_block: Callable[[int], nn.Module] | None = None,
-               finish_block: Callable[[int, nn.Module, list[torch.Tensor]], None] | None = None,
-               start: int = 0, carried: list[torch.Tensor] | None = None) -> dict[str, Any]:
+               stream: BlockStream | None = None) -> dict[str, Any]:
     """Run `process` on each block in order (see the module docstring); returns a report:
     blocks name, count, Linears processed, peak number of captured inputs held.
-
-    Streaming (quantwise.stream): `load_block(i)` returns block i with real weights (the
-    model's own block may be a meta-device placeholder, never run), and `finish_block(i,
-    block, outputs)` takes it with its outputs, the next block's hidden-state inputs (to
-    convert, write and free it, and keep the outputs for a resume); a selected Linear is looked
-    up in the block by its name, not taken from `selected`. `start` / `carried`: resume at
-    block `start`, whose inputs' hidden states are `carried` (the other inputs, masks and
-    rotary tables, are captured again: they do not depend on the blocks)."""
+    `stream`: the blocks are read and released one at a time (BlockStream); a selected Linear
+    is then looked up in the loaded block by its name, not taken from `selected`."""
     found = find_blocks(model)
     if found is None:
         raise QuantwiseError("no repeated transformer blocks found (an nn.ModuleList of same-type "
                              "layers containing Linears); this method runs block by block")
     blocks_name, blocks = found
-    modes = {m: m.training for m in model.modules()}
+    # weak keys: a module replaced meanwhile (streaming converts and frees the embeddings and
+    # the head) must not be kept alive by this bookkeeping (it held 0.5 GB on a 1.1B model)
+    modes = weakref.WeakKeyDictionary({m: m.training for m in model.modules()})
     model.eval()
     report: dict[str, Any] = {"blocks": blocks_name, "num_blocks": len(blocks), "linears": 0,
                               "block_forward_calls": []}
@@ -280,6 +294,9 @@ def run_blocks(model: nn.Module, calib_data: Iterable[Any],
             inputs = capture_block_inputs(model, blocks[0], calib_data)
             report["samples"] = len(inputs)
             report["input_bytes"] = sum(i.hidden.numel() * i.hidden.element_size() for i in inputs)
+            start, carried = (0, None) if stream is None else (stream.start, stream.carried)
+            if stream is not None and stream.after_capture is not None:
+                stream.after_capture()
             if carried is not None:
                 if len(carried) != len(inputs):
                     raise QuantwiseError(f"resume: {len(carried)} carried hidden states for "
@@ -289,7 +306,7 @@ def run_blocks(model: nn.Module, calib_data: Iterable[Any],
             from tqdm.auto import tqdm
             for index in tqdm(range(start, len(blocks)), desc=desc, disable=not progress,
                               initial=start, total=len(blocks)):
-                block = blocks[index] if load_block is None else load_block(index)
+                block = blocks[index] if stream is None else stream.load(index)
                 prefix = f"{blocks_name}.{index}." if blocks_name else f"{index}."
                 linears = {n: block.get_submodule(n[len(prefix):]) for n in selected
                            if n.startswith(prefix)}
@@ -301,11 +318,11 @@ def run_blocks(model: nn.Module, calib_data: Iterable[Any],
                 for item in inputs:
                     item.hidden = bp.forward(item)
                 report["block_forward_calls"].append(bp.forward_calls)
-                if finish_block is not None:
-                    finish_block(index, block, [item.hidden for item in inputs])
+                if stream is not None:
+                    stream.finish(index, block, [item.hidden for item in inputs])
                 del block, bp, linears
                 release_free_memory()
     finally:
-        for module, training in modes.items():
+        for module, training in list(modes.items()):
             module.train(training)
     return report

@@ -56,8 +56,9 @@ class QuantizedLayer(nn.Module):
     # -- construction --------------------------------------------------------------------------
     def set_quantized(self, codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
                       bias: torch.Tensor | None, input_qparams: tuple | None,
-                      output_qparams: tuple | None = None) -> None:
-        """Fill the buffers from unpacked codes and qparams, then build the kernel."""
+                      output_qparams: tuple | None = None, build: bool = True) -> None:
+        """Fill the buffers from unpacked codes and qparams, then build the kernel (unless
+        build=False: build_kernel() later)."""
         self.weight = (pack_int4(codes.reshape(codes.shape[0], -1)) if self.weight_spec.format in _PACKED
                        else codes.contiguous())
         self.weight_scale = scale.to(torch.float32).contiguous()
@@ -71,7 +72,8 @@ class QuantizedLayer(nn.Module):
         if output_qparams is not None:
             self.output_scale = output_qparams[0].to(torch.float32).reshape(())
             self.output_zero_point = output_qparams[1].to(torch.int32).reshape(())
-        self.build_kernel()
+        if build:
+            self.build_kernel()
 
     def tie_weight(self, owner: "QuantizedLayer") -> None:
         """Share `owner`'s quantized weight storage (tied embedding / lm_head): stored once."""
@@ -171,7 +173,7 @@ class QuantizedLayer(nn.Module):
         if self.kind == "embedding":
             fmt = self.weight_spec.format.value
             return f"{fmt} row gather + dequantize (weight-only)"
-        return self.kernel.name
+        return "(no kernel built)" if self.kernel is None else self.kernel.name
 
     @property
     def output_qparams(self) -> tuple[float, int] | None:

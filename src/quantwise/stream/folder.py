@@ -116,3 +116,17 @@ def load_block(meta_block: nn.Module, prefix: str, checkpoint: ShardedCheckpoint
         raise ModelLoadError(f"{checkpoint.folder}: block {prefix[:-1]} has tensors the checkpoint "
                              f"does not fill: {left[:3]}")
     return block
+
+
+def release_rest(model: nn.Module, blocks_name: str) -> None:
+    """Everything outside the blocks back on the meta device (it was written): frees the
+    embeddings and the head while the blocks run. Shapes stay, so the metadata still reads."""
+    for name, sub in model.named_modules():
+        if name == blocks_name or name.startswith(blocks_name + "."):
+            continue
+        for pname, param in list(sub._parameters.items()):
+            if param is not None and not param.is_meta:
+                sub._parameters[pname] = nn.Parameter(param.to("meta"), requires_grad=False)
+        for bname, buf in list(sub._buffers.items()):
+            if buf is not None and not buf.is_meta:
+                sub._buffers[bname] = buf.to("meta")

@@ -5,14 +5,17 @@
 2. The model is built on the meta device; the embeddings, final norm and head are read in
    float32 (folder.py). The layer records come from prepare() on a second meta skeleton, so
    they are those of the in-memory path.
-3. GPTQ / AWQ run through the block runner (methods/blocks.py) with `load_block` reading block
-   i from the shards and `finish_block` converting its Linears to QuantizedLayers (the same
-   workflow._convert_layer as convert()), writing them as block i's shard into a staging folder
-   and dropping the block; round-to-nearest configs (w8, w4, w8a8-dynamic) run the same
-   load / convert / write loop without calibration.
-4. The layers outside the blocks are converted last, written as the last shard; the index,
-   quantwise.json (layers in model order), config.json with its quantization_config and the
-   tokenizer files follow, and the staging folder replaces the output in one rename.
+3. The layers outside the blocks are converted (the same workflow._convert_layer as convert()),
+   written as the last shard and freed: first for round-to-nearest configs, and for GPTQ / AWQ
+   as soon as block 0's inputs are captured (they need the rounded embeddings).
+4. GPTQ / AWQ run through the block runner (methods/blocks.py BlockStream) with `load` reading
+   block i from the shards and `finish` converting its Linears, writing them as block i's
+   shard into a staging folder and dropping the block; round-to-nearest configs (w8, w4,
+   w8a8-dynamic) run the same load / convert / write loop without calibration.
+5. The index, quantwise.json (layers in model order), config.json with its quantization_config
+   and the tokenizer files follow, and the staging folder replaces the output in one rename.
+Memory: the larger of (embeddings + head in float32, with their conversion's temporaries) and
+(one block in float32 + the calibration hidden states + the method's working set).
 Static activation configs need every layer's calibrated range and are refused (quantize the
 model in memory).
 """
@@ -37,13 +40,13 @@ from quantwise.io import (FORMAT_VERSION, META_FILE, _copy_hf_files, _metadata, 
                           _umask, check_output_dir)
 from quantwise.fileio import atomic_write_text
 from quantwise.methods import apply_method
-from quantwise.methods.blocks import find_blocks, release_free_memory
-from quantwise.modules import ObservedLayer, is_supported, unsupported_reason
+from quantwise.methods.blocks import BlockStream, find_blocks, release_free_memory
+from quantwise.modules import ObservedLayer, QuantizedLayer, is_supported, unsupported_reason
 from quantwise.state import LayerRecord, QuantState, get_state, set_state
-from quantwise.stream.folder import load_block, materialize_rest, meta_skeleton
+from quantwise.stream.folder import load_block, materialize_rest, meta_skeleton, release_rest
 from quantwise.stream.progress import Progress, partial_dir, run_key
 from quantwise.workflow import (_code_limits, _convert_layer, _needs_calibration, nonempty,
-                                prepare)
+                                prepare, record_kernel)
 
 _SHARD_META = {"format": "quantwise", "version": str(FORMAT_VERSION)}
 
@@ -106,18 +109,27 @@ def quantize_folder(folder: str | os.PathLike, config: "Config | str", calib_dat
             writer.write(block.state_dict(), prefix, files[index])
             run.save(index + 1, writer.state_dict(), outputs)
 
+        def write_rest() -> None:
+            # the layers outside the blocks (embeddings, final norm, head) are converted and
+            # written first, as the last shard, then freed: the blocks run without them (GPTQ
+            # and AWQ once block 0's inputs are captured, after the embeddings' rounding)
+            if files[-1] not in writer.weight_map.values():  # else a resumed run wrote it
+                writer.convert(model, "", skip=blocks_name)
+                writer.write({k: v for k, v in model.state_dict().items()
+                              if not k.startswith(blocks_name + ".")}, "", files[-1])
+            release_rest(model, blocks_name)
+            release_free_memory()
+
         if config.method in ("gptq", "awq"):
-            apply_method(model, config, calib_data, progress=progress, load_block=read,
-                         finish_block=finish, start=run.done, carried=run.carried)
+            apply_method(model, config, calib_data, progress=progress,
+                         stream=BlockStream(read, finish, run.done, run.carried, write_rest))
         else:
             from tqdm.auto import tqdm
+            write_rest()
             for index in tqdm(range(run.done, len(blocks)), desc="blocks", disable=not progress,
                               initial=run.done, total=len(blocks)):
                 finish(index, read(index))
                 release_free_memory()
-        writer.convert(model, "", skip=blocks_name)
-        rest = {k: v for k, v in model.state_dict().items() if not k.startswith(blocks_name + ".")}
-        writer.write(rest, "", files[-1])
         writer.finish(model, order)
         run.clear()
         _swap_in(staging, out)
@@ -173,13 +185,25 @@ class _Writer:
             observed.append((name, ObservedLayer(module, full, layer_config, origin)))
         limits = _code_limits([obs for _, obs in observed])
         block_tied: dict = {}
-        for name, obs in observed:
+        converted: list[tuple[str, QuantizedLayer]] = []
+        observed.reverse()
+        while observed:  # popped: each float layer is freed once its replacement is in place
+            name, obs = observed.pop()
             # ties by id(weight): only within one part (a freed block's ids get reused)
             tied = self.tied if skip is not None else block_tied
-            qlayer = _convert_layer(obs, self.state.records[obs.qname], tied, limits)
+            release_free_memory()  # freed temporaries of the layer before (an embedding's)
+            qlayer = _convert_layer(obs, self.state.records[obs.qname], tied, limits, build=False)
             root.set_submodule(name, qlayer if qlayer is not None else obs.module)
             if qlayer is not None:
+                converted.append((obs.qname, qlayer))
                 self.layers[obs.qname] = qlayer.meta()
+        obs = None  # the last float layer's last reference
+        # kernels only for the records (which kernel, any fallback: as convert() notes them),
+        # one at a time once the float layers are gone; nothing runs them before the write
+        for qname, qlayer in converted:
+            release_free_memory()
+            record_kernel(qlayer, self.state.records[qname])
+            qlayer.kernel = None
 
     def write(self, state_dict: dict[str, torch.Tensor], prefix: str, file_name: str) -> None:
         tensors = {prefix + k: v for k, v in state_dict.items()}
