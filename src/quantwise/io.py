@@ -32,10 +32,12 @@ from quantwise.fold import fold_conv_bn
 from quantwise.formats.shards import INDEX, ShardedCheckpoint, write_shards
 from quantwise.encoder import apply_encoder_fastpath
 from quantwise.int8graph import apply_int8_graph
+from quantwise.kernels import LEAN_REASON
 from quantwise.methods.smoothquant import prescaled_modules, restore_prescale
 from quantwise.models.hf import hf_files, is_hf_folder, skeleton_from_folder, with_quantization_config
 from quantwise.models.registry import BUILTIN_MODELS, builtin_info, load_model
 from quantwise.modules import QuantizedLayer
+from quantwise.spec import Format, PerGroup
 from quantwise.state import LayerRecord, QuantState, get_state, set_state
 
 WEIGHTS_FILE = "model.safetensors"
@@ -201,19 +203,27 @@ def read_metadata(folder: str | Path) -> dict[str, Any]:
     return meta
 
 
-def load(folder: str | Path, model: nn.Module | None = None, fuse: bool = True) -> nn.Module:
+def load(folder: str | Path, model: nn.Module | None = None, fuse: bool = True,
+         max_memory: int | None = None) -> nn.Module:
     """Rebuild a saved quantized model on a copy of its float model (`model` is untouched).
 
     `model` may be omitted when the folder holds its Hugging Face config.json (saved from a
-    Hugging Face model) or the checkpoint records a built-in or loadable source.
+    Hugging Face model: the model is then built with its parameters on the meta device and
+    filled from the checkpoint, never as a float model) or the checkpoint records a built-in
+    or loadable source. `max_memory` (bytes; default 80% of what the machine has available):
+    when the fastest kernels would take more, 8-bit weight-only Linears keep only their codes
+    (no fp16 copy: 1 byte per weight instead of 3; kernels.LEAN_REASON says so per layer).
     """
     folder = Path(folder)
     meta = read_metadata(folder)
-    if model is None:
+    empty = model is None and is_hf_folder(folder)
+    if empty:
         # a self-contained folder (saved from a Hugging Face model) rebuilds from its own
-        # config.json; otherwise the recorded source model is loaded
-        model = skeleton_from_folder(folder) if is_hf_folder(folder) else _model_from_source(meta.get("source"))
-    qmodel = copy.deepcopy(model)
+        # config.json with its parameters on the meta device: the float model is never made
+        # (a 1.1B LM would take 4.4 GB), the checkpoint's tensors are assigned as they are read
+        qmodel = skeleton_from_folder(folder, empty=True)
+    else:  # the given model, or the recorded source model, copied
+        qmodel = copy.deepcopy(model if model is not None else _model_from_source(meta.get("source")))
     folded = [tuple(pair) for pair in meta.get("folded", [])]
     try:
         fold_conv_bn(qmodel, folded)  # the same structure as at save time (convs gain a bias)
@@ -236,14 +246,19 @@ def load(folder: str | Path, model: nn.Module | None = None, fuse: bool = True) 
             layer.tie_weight(layers[layer.tied_to])
     restore_prescale(qmodel, meta.get("prescaled", {}))  # SmoothQuant's explicit divisions
     if (folder / INDEX).is_file():
-        _load_shards(qmodel, folder)
+        _load_shards(qmodel, folder, assign=empty)
     else:
-        _load_weights(qmodel, folder / WEIGHTS_FILE)
+        _load_weights(qmodel, folder / WEIGHTS_FILE, assign=empty)
+    if empty:
+        _check_filled(qmodel, folder)
+    lean = _needs_lean_kernels(layers, folder, max_memory)
     for layer in layers.values():
-        layer.build_kernel()
+        layer.build_kernel(lean=lean)
     records = {r["name"]: LayerRecord(**r) for r in meta["records"]}
     for name, layer in layers.items():
         records[name].kernel = layer.kernel_name
+        if lean and layer.fallback_reason == LEAN_REASON:
+            records[name].reason = "; ".join(filter(None, (records[name].reason, LEAN_REASON)))
     for conv_name, bn_name in folded:
         records[bn_name].kernel = f"folded into {conv_name}"
     state = QuantState(Config.from_dict(meta["config"]), records, meta.get("source"),
@@ -255,10 +270,14 @@ def load(folder: str | Path, model: nn.Module | None = None, fuse: bool = True) 
     return qmodel.eval()
 
 
-def _load_weights(model: nn.Module, path: Path) -> None:
+def _load_weights(model: nn.Module, path: Path, assign: bool = False) -> None:
     if path.stat().st_size < 8:
         raise CheckpointError(f"{path} is truncated or not a safetensors file")
     try:
+        if assign:  # meta-device parameters: the file's tensors become the model's
+            state = safetensors.torch.load_file(str(path))
+            _load_state(model, state, path)
+            return
         missing, unexpected = safetensors.torch.load_model(model, str(path), strict=False)
     except (safetensors.SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"{path} is truncated or not a valid safetensors file ({exc})") from None
@@ -267,17 +286,78 @@ def _load_weights(model: nn.Module, path: Path) -> None:
                               f"unexpected keys {sorted(unexpected)}")
 
 
-def _load_shards(model: nn.Module, folder: Path) -> None:
+def _load_shards(model: nn.Module, folder: Path, assign: bool = False) -> None:
     """Sharded weights, checked first (formats/shards.py), with load_model's handling of ties."""
     checkpoint = ShardedCheckpoint.open(folder, allow_non_float=True)
+    # as stored (no float conversion); the tensors are copy-on-write views of the mapped shards
     state = {name: checkpoint.read(name, dtype=None) for name in checkpoint.tensors}
     checkpoint.close()
+    _load_state(model, state, folder, assign)
+
+
+def _load_state(model: nn.Module, state: dict[str, torch.Tensor], where: Path,
+                assign: bool = True) -> None:
+    if assign:  # a tensor stored once for tied names (embedding / head) goes to every name
+        names: dict[int, list[str]] = {}
+        for name, tensor in model.state_dict(keep_vars=True).items():
+            names.setdefault(id(tensor), []).append(name)
+        for group in names.values():
+            stored = [n for n in group if n in state]
+            for name in group if stored else ():
+                state.setdefault(name, state[stored[0]])
     ties = safetensors.torch._remove_duplicate_names(model.state_dict(), preferred_names=state.keys())
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=assign)
     missing = set(missing) - {name for group in ties.values() for name in group}
     if missing or unexpected:
-        raise CheckpointError(f"{folder}: its shards do not match the model: missing keys "
+        raise CheckpointError(f"{where}: its tensors do not match the model: missing keys "
                               f"{sorted(missing)}, unexpected keys {sorted(unexpected)}")
+
+
+def _needs_lean_kernels(layers: dict[str, QuantizedLayer], folder: Path,
+                        max_memory: int | None) -> bool:
+    """Whether the checkpoint plus the fp16 copies of its 8-bit weight-only Linears (2 bytes
+    per weight) would exceed `max_memory` (default: 80% of the available memory)."""
+    extra = sum(2 * layer.weight.numel() for layer in layers.values()
+                if layer.kind == "linear" and layer.act_spec is None
+                and layer.weight_spec.format in (Format.INT8, Format.UINT8)
+                and not isinstance(layer.weight_spec.granularity, PerGroup))
+    if not extra:
+        return False
+    if max_memory is None:
+        available = available_memory()
+        if available is None:
+            return False
+        max_memory = int(0.8 * available)
+    stored = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+    return stored + extra > max_memory
+
+
+def available_memory() -> int | None:
+    """Bytes this process may still use: MemAvailable, or less under a cgroup (v2) limit;
+    None where neither can be read (not Linux)."""
+    found = []
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                found.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+            found.append(max(0, int(limit) - used))
+    except (OSError, ValueError):
+        pass
+    return min(found) if found else None
+
+
+def _check_filled(model: nn.Module, folder: Path) -> None:
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:
+        raise CheckpointError(f"{folder}: the checkpoint does not hold {left[:3]} (and "
+                              f"{max(0, len(left) - 3)} more) that its config.json's model needs: "
+                              "is the folder complete?")
 
 
 def _model_from_source(source: str | None) -> nn.Module:

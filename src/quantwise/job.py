@@ -22,6 +22,7 @@ from quantwise.io import check_output_dir, load, read_metadata, save
 from quantwise.plan import Plan, plan
 from quantwise.sensitivity import SensitivityReport, sensitivity
 from quantwise.models.registry import DEFAULT_MODEL, ModelInfo, load_model
+from quantwise.models.hf import is_hf_folder
 from quantwise.summary import Summary, summary
 from quantwise.workflow import quantize
 
@@ -198,7 +199,10 @@ def _reload(folder: Path, model_ref: str | None, log: Callable[[str], None]
                               "Hugging Face folder, or package.module:function)")
     log(f"loading float model {ref!r} and {folder}")
     model, info = load_model(ref)
-    return meta, model, info, load(folder, model=model)
+    # a self-contained folder rebuilds without a copy of the float model (io.load): the float
+    # model once, not twice, beside the quantized one
+    return meta, model, info, load(folder) if model_ref is None and is_hf_folder(folder) \
+        else load(folder, model=model)
 
 
 def _measure(model: nn.Module, qmodel: nn.Module, info: ModelInfo, name: str, folder: Path,

@@ -100,10 +100,16 @@ def _codes(weight_codes: torch.Tensor, fmt: Format) -> torch.Tensor:
     return weight_codes.detach().to(dtype)
 
 
+LEAN_REASON = ("memory-lean load: 8-bit weights held as their codes only (no fp16 copy, 1 byte "
+               "per weight, not 3); batches of more than 8 rows dequantize them per call")
+
+
 def make_linear_kernel(weight_codes: torch.Tensor, weight_scale: torch.Tensor,
                        weight_zero_point: torch.Tensor, weight_spec: QuantSpec,
-                       bias: Optional[torch.Tensor], act: Act) -> Kernel:
-    """The fastest correct kernel for y = x @ dequantize(W)^T + bias with `act` applied to x."""
+                       bias: Optional[torch.Tensor], act: Act, lean: bool = False) -> Kernel:
+    """The fastest correct kernel for y = x @ dequantize(W)^T + bias with `act` applied to x.
+    `lean`: for 8-bit weight-only layers, no fp16 copy of the codes beside them (io.load when
+    the model would not fit otherwise): the GEMV at 1-8 rows, dequantize + F.linear above."""
     fmt = weight_spec.format
     weight_scale, weight_zero_point = _params(weight_scale, weight_zero_point)
     if weight_codes.dim() != 2:
@@ -124,7 +130,9 @@ def make_linear_kernel(weight_codes: torch.Tensor, weight_scale: torch.Tensor,
         if act is None:
             symmetric = not bool(torch.as_tensor(weight_zero_point).any())
             if per_out is not None and fmt in (Format.INT8, Format.UINT8):
-                base = Fp16CodesLinear(codes, *per_out, bias, weight_label=label)
+                base = (PackedDequantLinear(codes, weight_scale, weight_zero_point, weight_spec,
+                                            bias, LEAN_REASON) if lean else
+                        Fp16CodesLinear(codes, *per_out, bias, weight_label=label))
                 if fmt == Format.INT8 and symmetric:  # 1-8 rows: the compiled GEMV, if faster
                     return with_gemv(base, codes, per_out[0], 8, k, bias)
                 return base

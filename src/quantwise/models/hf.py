@@ -9,7 +9,9 @@ model from those without the original weights.
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -58,10 +60,34 @@ def model_class(config: Any) -> Any:
     return cls if cls is not None else transformers.AutoModel
 
 
-def skeleton_from_folder(folder: str | Path) -> nn.Module:
+@contextlib.contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Modules built inside hold their parameters on the meta device (no memory, no random
+    initialisation) and their buffers for real: buffers computed at construction (rotary
+    frequencies, position ids) are usually not in a checkpoint, parameters always are."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register(module, name, param)
+        if param is not None and not param.is_meta:
+            module._parameters[name] = nn.Parameter(param.to("meta"),
+                                                    requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = on_meta  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register  # type: ignore[method-assign]
+
+
+def skeleton_from_folder(folder: str | Path, empty: bool = False) -> nn.Module:
     """The model architecture of an HF folder, randomly initialised (no weights read), of the
     class its weights were loaded as (model_class; AutoModel wrapped as a SentenceEmbedder
-    for sentence-transformers folders)."""
+    for sentence-transformers folders). `empty`: parameters on the meta device instead
+    (parameters_on_meta), for a checkpoint that fills them all (io.load)."""
+    if empty:
+        with parameters_on_meta():
+            return skeleton_from_folder(folder)
     from transformers import AutoConfig, AutoModel
 
     folder = Path(folder)

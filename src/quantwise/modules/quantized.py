@@ -94,7 +94,9 @@ class QuantizedLayer(nn.Module):
             return flat.reshape(self.weight_shape)
         return self.weight
 
-    def build_kernel(self) -> None:
+    def build_kernel(self, lean: bool = False) -> None:
+        """The layer's kernel (kernels.make_linear_kernel / make_conv_kernel); `lean`: no
+        copy of 8-bit codes in another layout (a load that must fit in memory)."""
         if self.kind == "embedding":
             self.kernel = None
             return
@@ -106,7 +108,7 @@ class QuantizedLayer(nn.Module):
             act = StaticAct(float(self.input_scale), int(self.input_zero_point), self.act_spec)
         args = (self.codes(), self.weight_scale, self.zero_points(), self.weight_spec, self.bias, act)
         if self.kind == "linear":
-            self.kernel = make_linear_kernel(*args)
+            self.kernel = make_linear_kernel(*args, lean=lean)
         else:
             self.kernel = make_conv_kernel(*args, **self.layer_args)
 
