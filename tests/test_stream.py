@@ -185,3 +185,100 @@ def test_command_line_resume_needs_stream(capsys):
 
     assert main(["quantize", "digits", "--resume"]) == 2
     assert "--stream" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_loading_a_streamed_folder_never_builds_the_float_model(tmp_path, monkeypatch, tie):
+    src = write_llama_folder(tmp_path / "src", dtype=torch.bfloat16, shard_bytes=200_000,
+                             tie_word_embeddings=tie, **SMALL)
+    out = quantize_folder(src, "w4", None, tmp_path / "s", progress=False)
+    made: list[bool] = []  # is_meta of every Linear weight built while loading
+    init = torch.nn.Linear.__init__
+
+    def spy(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        made.append(self.weight.is_meta)
+
+    monkeypatch.setattr(torch.nn.Linear, "__init__", spy)
+    loaded = quantwise.load(out)
+    monkeypatch.setattr(torch.nn.Linear, "__init__", init)
+    assert made and all(made)  # the skeleton's Linears: meta weights, never allocated
+    assert not any(isinstance(m, torch.nn.Linear) for m in loaded.modules())
+    assert not any(t.is_meta for t in list(loaded.parameters()) + list(loaded.buffers()))
+    if tie:
+        assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+    ref = quantwise.load(out, model=load_hf_folder(src))  # the float model's copy, as before
+    ids = _calib(1)[0]["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, ref(input_ids=ids).logits)
+
+
+def test_loading_a_folder_missing_a_tensor_names_it(folder, tmp_path):
+    out = quantize_folder(folder, "w8", None, tmp_path / "s", progress=False)
+    index_path = out / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    del index["weight_map"]["model.norm.weight"]
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(quantwise.CheckpointError, match="model.norm.weight"):
+        quantwise.load(out)
+
+
+def test_a_load_over_its_memory_budget_keeps_8bit_weights_as_codes_only(folder, tmp_path):
+    from quantwise.kernels import LEAN_REASON
+    from quantwise.state import get_state
+
+    out = quantize_folder(folder, "w8", None, tmp_path / "s", progress=False)
+    fast, lean = quantwise.load(out), quantwise.load(out, max_memory=1)
+    fast_kernel = fast.model.layers[0].mlp.up_proj.kernel
+    lean_kernel = lean.model.layers[0].mlp.up_proj.kernel
+    assert lean_kernel.nbytes() < fast_kernel.nbytes()  # no fp16 copy beside the codes
+    assert LEAN_REASON in get_state(lean).records["model.layers.0.mlp.up_proj"].reason
+    assert LEAN_REASON not in (get_state(fast).records["model.layers.0.mlp.up_proj"].reason or "")
+    ids = _calib(1)[0]["input_ids"]
+    with torch.no_grad():  # 2 x 16 rows: the batched kernels (fp16-code GEMM vs dequantize)
+        torch.testing.assert_close(lean(input_ids=ids).logits, fast(input_ids=ids).logits,
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_a_folder_too_big_for_memory_streams_without_the_flag(folder, tmp_path, monkeypatch, capsys):
+    import quantwise.io
+    from quantwise.cli import main
+
+    float32 = 4 * sum(p.numel() for p in load_hf_folder(folder).parameters())
+    monkeypatch.setattr(quantwise.io, "available_memory", lambda: float32)  # < 2 x the model
+    from safetensors.torch import save_file
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    for i, batch in enumerate(_calib(2)):
+        save_file(batch, str(calib / f"{i}.safetensors"))
+    out = tmp_path / "out"
+    assert main(["quantize", str(folder), "--config", "w8", "--calib", str(calib),
+                 "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "block by block" in captured.err and "peak_rss_mib" in captured.out
+    monkeypatch.setattr(quantwise.io, "available_memory", lambda: 100 * float32)  # fits: in memory
+    assert main(["quantize", str(folder), "--config", "w8", "--calib", str(calib),
+                 "--out", str(tmp_path / "o2"), "--json"]) == 0
+    assert "speedup" in json.loads(capsys.readouterr().out)
+
+
+def test_carried_hidden_states_past_the_budget_are_mapped_from_disk(folder, tmp_path, monkeypatch):
+    import quantwise.stream.quantize as streaming
+    from quantwise.stream.progress import Progress
+
+    calib = _calib()
+    held = quantize_folder(folder, "w4-gptq", calib, tmp_path / "held", progress=False)
+    mapped: list[bool] = []
+    save = Progress.save
+
+    def spy(self, *args, **kwargs):
+        out = save(self, *args, **kwargs)
+        mapped.append(out is not None)
+        return out
+
+    monkeypatch.setattr(Progress, "save", spy)
+    monkeypatch.setattr(streaming, "CARRY_FRACTION", 0.0)  # every block's outputs go to the file
+    spilled = quantize_folder(folder, "w4-gptq", calib, tmp_path / "spilled", progress=False)
+    assert mapped == [True] * SMALL["num_hidden_layers"]
+    a, b = _tensors(spilled), _tensors(held)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

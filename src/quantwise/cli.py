@@ -219,6 +219,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     quiet = getattr(args, "quiet", False) or args.json
     log = (lambda _: None) if quiet else (lambda m: print(m, file=sys.stderr))
+    if (args.command == "quantize" and not args.stream and args.method is None
+            and args.max_drop is None):
+        from quantwise.stream.job import stream_by_default
+
+        why = stream_by_default(args.model)
+        if why:
+            log(why)
+            args.stream = True
     try:
         from quantwise.job import (run_analyze_job, run_benchmark_job, run_export_job,  # heavy imports
                                    run_quantize_job)

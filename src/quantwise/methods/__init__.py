@@ -116,11 +116,11 @@ def apply_method(model: nn.Module, config: Config, calib_data: Iterable[Any] | N
         if stream is not None:
             handed_on = stream.finish
 
-            def finish(index: int, block: nn.Module, outputs: list[torch.Tensor]) -> None:
+            def finish(index: int, block: nn.Module, outputs: list[torch.Tensor]):
                 prefix = f"{found[0]}.{index}."
                 round_unseen({n: block.get_submodule(n[len(prefix):]) for n in linears
                               if n.startswith(prefix)})
-                handed_on(index, block, outputs)
+                return handed_on(index, block, outputs)
             stream = dataclasses.replace(stream, finish=finish)
         report.update(run_blocks(model, calib_data, process, linears, progress=progress,
                                  desc=method, stream=stream))

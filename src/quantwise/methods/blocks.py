@@ -258,13 +258,14 @@ class BlockStream:
     `load(i)` returns block i with real weights (the model's own block may be a meta-device
     placeholder, never run); `finish(i, block, outputs)` takes it with its outputs, the next
     block's hidden-state inputs (to convert, write and free it, and keep the outputs for a
-    resume); `after_capture()` runs once block 0's inputs are captured (the layers outside the
+    resume), and may return those outputs to use instead (the same values held elsewhere: a
+    memory-mapped file); `after_capture()` runs once block 0's inputs are captured (the layers outside the
     blocks are not needed any more: written and freed). `start` / `carried`: resume at block
     `start`, whose inputs' hidden states are `carried` (the other inputs, masks and rotary
     tables, are captured again: they do not depend on the blocks)."""
 
     load: Callable[[int], nn.Module]
-    finish: Callable[[int, nn.Module, list[torch.Tensor]], None]
+    finish: Callable[[int, nn.Module, list[torch.Tensor]], list[torch.Tensor] | None]
     start: int = 0
     carried: list[torch.Tensor] | None = None
     after_capture: Callable[[], None] | None = None
@@ -319,7 +320,9 @@ def run_blocks(model: nn.Module, calib_data: Iterable[Any],
                     item.hidden = bp.forward(item)
                 report["block_forward_calls"].append(bp.forward_calls)
                 if stream is not None:
-                    stream.finish(index, block, [item.hidden for item in inputs])
+                    carried = stream.finish(index, block, [item.hidden for item in inputs])
+                    for item, hidden in zip(inputs, carried or ()):
+                        item.hidden = hidden  # the same values, e.g. mapped from a file
                 del block, bp, linears
                 release_free_memory()
     finally:

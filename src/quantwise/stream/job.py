@@ -16,6 +16,31 @@ from quantwise.evaluate import folder_bytes
 from quantwise.stream.quantize import quantize_folder
 
 
+def stream_by_default(ref: str) -> str | None:
+    """Why `quantwise quantize REF` should stream: REF is a Hugging Face folder whose float32
+    weights would take more than half the memory available (the in-memory path holds the float
+    model and its quantized copy); None otherwise (not such a folder, or it fits)."""
+    import math
+
+    from quantwise.errors import QuantwiseError
+    from quantwise.formats.shards import ShardedCheckpoint
+    from quantwise.io import available_memory
+
+    path = Path(ref)
+    if not (path / "config.json").is_file():
+        return None
+    try:
+        tensors = ShardedCheckpoint.open(path).tensors
+    except QuantwiseError:
+        return None  # the in-memory load reports what is wrong with the folder
+    float32 = 4 * sum(math.prod(info.shape) for info in tensors.values())
+    available = available_memory()
+    if available is None or 2 * float32 <= available:
+        return None
+    return (f"{path} is {float32 / 1e9:.1f} GB in float32 with {available / 1e9:.1f} GB of memory "
+            "available: quantizing it block by block from its shards (as with --stream)")
+
+
 def _tokenizer(folder: Path) -> Any:
     if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
         return None

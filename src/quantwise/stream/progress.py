@@ -89,7 +89,11 @@ class Progress:
             progress.carried = [state[f"h{i}"] for i in range(len(state))]
         return progress
 
-    def save(self, done: int, state: dict[str, Any], carried: list[torch.Tensor] | None) -> None:
+    def save(self, done: int, state: dict[str, Any], carried: list[torch.Tensor] | None,
+             spill: bool = False) -> list[torch.Tensor] | None:
+        """Record `done` finished blocks. `spill`: return the carried hidden states mapped from
+        the file just written (file-backed pages the kernel may drop and read again, instead
+        of memory of their own: for calibration sets too large to hold)."""
         if carried is not None:
             tmp = self.folder / f".{CARRIED}.tmp"
             save_file({f"h{i}": h.contiguous() for i, h in enumerate(carried)}, str(tmp))
@@ -97,6 +101,10 @@ class Progress:
         self.done = done
         atomic_write_text(self.folder / PROGRESS,
                           json.dumps({"key": self.key, "done": done, **state}))
+        if carried is None or not spill:
+            return None
+        mapped = load_file(str(self.folder / CARRIED))  # copy-on-write views of the file
+        return [mapped[f"h{i}"] for i in range(len(carried))]
 
     def clear(self) -> None:
         """The run finished: only the checkpoint's own files stay."""

@@ -37,7 +37,7 @@ from quantwise.config import Config
 from quantwise.errors import ConfigError, ModelLoadError
 from quantwise.formats.shards import ShardedCheckpoint, shard_file_names, write_index
 from quantwise.io import (FORMAT_VERSION, META_FILE, _copy_hf_files, _metadata, _swap_in,
-                          _umask, check_output_dir)
+                          _umask, available_memory, check_output_dir)
 from quantwise.fileio import atomic_write_text
 from quantwise.methods import apply_method
 from quantwise.methods.blocks import BlockStream, find_blocks, release_free_memory
@@ -49,6 +49,9 @@ from quantwise.workflow import (_code_limits, _convert_layer, _needs_calibration
                                 prepare, record_kernel)
 
 _SHARD_META = {"format": "quantwise", "version": str(FORMAT_VERSION)}
+# Carried hidden states above this share of the available memory are mapped from the progress
+# file instead of held (64 x 256 tokens of a 2048-wide model: 134 MB, held)
+CARRY_FRACTION = 0.125
 
 
 def quantize_folder(folder: str | os.PathLike, config: "Config | str", calib_data:
@@ -93,6 +96,8 @@ def quantize_folder(folder: str | os.PathLike, config: "Config | str", calib_dat
     run = Progress.begin(staging, run_key(checkpoint, config, calib_data), resume)
     staging.chmod(0o777 & ~_umask())
     files = shard_file_names(len(blocks) + 1)
+    available = available_memory()
+    carry_budget = CARRY_FRACTION * available if available is not None else float("inf")
     writer = _Writer(staging, config, state)
     writer.restore(run.saved)
     try:
@@ -103,11 +108,13 @@ def quantize_folder(folder: str | os.PathLike, config: "Config | str", calib_dat
             checkpoint.close()
             return block
 
-        def finish(index: int, block: nn.Module, outputs: list | None = None) -> None:
+        def finish(index: int, block: nn.Module, outputs: list | None = None) -> list | None:
             prefix = f"{blocks_name}.{index}."
             writer.convert(block, prefix)
             writer.write(block.state_dict(), prefix, files[index])
-            run.save(index + 1, writer.state_dict(), outputs)
+            held = sum(h.numel() * h.element_size() for h in outputs or ())
+            # hidden states past the budget are carried in the progress file, mapped
+            return run.save(index + 1, writer.state_dict(), outputs, spill=held > carry_budget)
 
         def write_rest() -> None:
             # the layers outside the blocks (embeddings, final norm, head) are converted and
