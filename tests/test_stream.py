@@ -121,6 +121,27 @@ def test_stdlib_lm_streams_to_the_in_memory_checkpoint(tmp_path):
     assert (streamed / "tokenizer.json").is_file()
 
 
+@pytest.mark.parametrize("config", ["w4-gptq", "w8a8-dynamic"])
+def test_minilm_streams_to_the_in_memory_checkpoint(tmp_path, config):
+    """The real all-MiniLM-L6-v2: a sentence-transformers folder (BertModel wrapped, int64
+    position ids stored, a pooler outside the blocks)."""
+    from quantwise.models.minilm import default_minilm_path, load_tokenizer, tokenize
+
+    src = default_minilm_path()
+    tok = load_tokenizer(src)
+    calib = [tokenize(tok, ["the quick brown fox jumps", "over the lazy dog, twice"]),
+             tokenize(tok, ["quantized weights", "streamed from their shards"])]
+    streamed = quantize_folder(src, config, calib, tmp_path / "s", progress=False)
+    ref = quantwise.save(quantwise.quantize(load_hf_folder(src), config, calib, progress=False,
+                                            source=str(src)), tmp_path / "m")
+    a, b = _tensors(streamed), _tensors(ref)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert _meta(streamed)["layers"] == _meta(ref)["layers"]
+    assert _meta(streamed)["records"] == _meta(ref)["records"]
+    with torch.no_grad():  # reloads as the sentence embedder, the same embeddings
+        assert torch.equal(quantwise.load(streamed)(**calib[0]), quantwise.load(ref)(**calib[0]))
+
+
 def test_command_line_streams_a_folder(tmp_path, capsys):
     from quantwise.cli import main
 

@@ -82,14 +82,20 @@ class ShardedCheckpoint:
                                           f"{INDEX} places there; the shard is incomplete or the "
                                           "index is stale (re-save the model)")
             tensors = {t: tensors[t] for t in weight_map}
+        checkpoint = cls(folder, tensors)
         if not allow_non_float:
-            for info in tensors.values():
-                if info.dtype not in FLOAT_DTYPES:
-                    raise CheckpointError(
-                        f"{info.shard}: tensor {info.name!r} is {info.dtype}, not a float weight "
-                        f"(bf16, fp16 or fp32): quantize the original float checkpoint, not an "
-                        f"already quantized one")
-        return cls(folder, tensors)
+            checkpoint.check_float()
+        return checkpoint
+
+    def check_float(self, allowed: "set[str] | frozenset[str]" = frozenset()) -> None:
+        """Every tensor but those `allowed` (integer buffers such as BERT's position ids) is a
+        float weight: an integer one means an already quantized checkpoint."""
+        for info in self.tensors.values():
+            if info.dtype not in FLOAT_DTYPES and info.name not in allowed:
+                raise CheckpointError(
+                    f"{info.shard}: tensor {info.name!r} is {info.dtype}, not a float weight "
+                    f"(bf16, fp16 or fp32): quantize the original float checkpoint, not an "
+                    f"already quantized one")
 
     def names(self, prefix: str = "") -> list[str]:
         return [n for n in self.tensors if n.startswith(prefix)]

@@ -37,14 +37,27 @@ def meta_skeleton(folder: Path) -> nn.Module:
                              "(\"architectures\"); streaming needs e.g. LlamaForCausalLM")
     with torch.device("meta"):
         model = cls._from_config(config, attn_implementation="eager", dtype=torch.float32)
+    if (folder / "modules.json").is_file():  # sentence-transformers: as io.load rebuilds it
+        from quantwise.models.minilm import SentenceEmbedder, _wants_normalize
+
+        model = SentenceEmbedder(model, normalize=_wants_normalize(folder))
     return model.eval()
 
 
-def _tensor_name(checkpoint: ShardedCheckpoint, name: str, tied: dict[str, str]) -> str:
-    if name in checkpoint.tensors:
-        return name
-    if name in tied and tied[name] in checkpoint.tensors:
-        return tied[name]
+def stored_prefix(model: nn.Module) -> str:
+    """What the model's tensor names carry before the stored names (a wrapper's attribute)."""
+    from quantwise.models.minilm import SentenceEmbedder
+
+    return "encoder." if isinstance(model, SentenceEmbedder) else ""
+
+
+def _tensor_name(checkpoint: ShardedCheckpoint, name: str, tied: dict[str, str],
+                 strip: str = "") -> str:
+    stored = name[len(strip):] if name.startswith(strip) else name
+    if stored in checkpoint.tensors:
+        return stored
+    if name in tied:
+        return _tensor_name(checkpoint, tied[name], {}, strip)
     raise ModelLoadError(f"{checkpoint.folder}: the checkpoint has no tensor {name!r}, which the "
                          "model of its config.json needs; is the folder complete?")
 
@@ -59,9 +72,10 @@ def _tied_names(model: nn.Module) -> dict[str, str]:
 
 
 def fill(module: nn.Module, prefix: str, checkpoint: ShardedCheckpoint, tied: dict[str, str],
-         skip: str | None = None) -> None:
+         skip: str | None = None, strip: str = "") -> None:
     """Replace `module`'s meta parameters and persistent buffers (except under `skip`) by the
-    checkpoint's tensors in float32; parameters shared inside `module` stay shared."""
+    checkpoint's tensors in float32; parameters shared inside `module` stay shared. `strip`:
+    the model names' prefix that the stored names lack (stored_prefix)."""
     real: dict[int, nn.Parameter] = {}
     for name, sub in module.named_modules():
         if skip is not None and (name == skip or name.startswith(skip + ".")):
@@ -71,7 +85,7 @@ def fill(module: nn.Module, prefix: str, checkpoint: ShardedCheckpoint, tied: di
                 continue
             if id(param) not in real:
                 full = prefix + (f"{name}.{pname}" if name else pname)
-                value = checkpoint.read(_tensor_name(checkpoint, full, tied))
+                value = checkpoint.read(_tensor_name(checkpoint, full, tied, strip))
                 if tuple(value.shape) != tuple(param.shape):
                     raise ModelLoadError(f"{checkpoint.folder}: tensor {full!r} has shape "
                                          f"{tuple(value.shape)}, the model needs {tuple(param.shape)}")
@@ -81,36 +95,42 @@ def fill(module: nn.Module, prefix: str, checkpoint: ShardedCheckpoint, tied: di
             if buf is None or not buf.is_meta or bname in sub._non_persistent_buffers_set:
                 continue
             full = prefix + (f"{name}.{bname}" if name else bname)
-            sub._buffers[bname] = checkpoint.read(_tensor_name(checkpoint, full, tied))
+            sub._buffers[bname] = checkpoint.read(_tensor_name(checkpoint, full, tied, strip),
+                                                  dtype=buf.dtype)  # int64 ids stay int64
 
 
 def _rebuild_unstored_buffers(model: nn.Module, skip: str) -> None:
-    """Modules outside the blocks whose non-persistent buffers (not in any checkpoint, e.g. the
-    rotary inverse frequencies) are still meta: built again on the CPU from the config."""
-    config = model.config
+    """Buffers outside the blocks that are still meta (not in any checkpoint: the rotary inverse
+    frequencies, BERT's position and token-type ids) are taken from the module built again on
+    the CPU from the config; its parameters, already read, stay."""
+    config = next(m.config for m in model.modules() if hasattr(m, "config"))  # or a wrapper's
     for name, sub in list(model.named_modules()):
         if not name or name == skip or name.startswith(skip + "."):
             continue
-        if not any(b is not None and b.is_meta for b in sub._buffers.values()):
+        meta = [b for b, t in sub._buffers.items() if t is not None and t.is_meta]
+        if not meta:
             continue
         params = inspect.signature(type(sub)).parameters
         if "config" not in params:
             raise ModelLoadError(f"cannot rebuild {name} ({type(sub).__name__}) off the meta device: "
                                  "its buffers are not stored in the checkpoint")
         with torch.device("cpu"):
-            model.set_submodule(name, type(sub)(config=config))
+            fresh = type(sub)(config=config)
+        for bname in meta:
+            sub._buffers[bname] = fresh._buffers[bname]
 
 
 def materialize_rest(model: nn.Module, blocks_name: str, checkpoint: ShardedCheckpoint) -> None:
     """Everything outside the blocks, read from the checkpoint in float32."""
-    fill(model, "", checkpoint, _tied_names(model), skip=blocks_name)
+    fill(model, "", checkpoint, _tied_names(model), skip=blocks_name, strip=stored_prefix(model))
     _rebuild_unstored_buffers(model, blocks_name)
 
 
-def load_block(meta_block: nn.Module, prefix: str, checkpoint: ShardedCheckpoint) -> nn.Module:
+def load_block(meta_block: nn.Module, prefix: str, checkpoint: ShardedCheckpoint,
+               strip: str = "") -> nn.Module:
     """A float32 copy of a block read from the checkpoint (the meta block stays as it is)."""
     block = copy.deepcopy(meta_block)
-    fill(block, prefix, checkpoint, {})
+    fill(block, prefix, checkpoint, {}, strip=strip)
     left = [n for n, t in list(block.named_parameters()) + list(block.named_buffers()) if t.is_meta]
     if left:
         raise ModelLoadError(f"{checkpoint.folder}: block {prefix[:-1]} has tensors the checkpoint "

@@ -43,7 +43,8 @@ from quantwise.methods import apply_method
 from quantwise.methods.blocks import BlockStream, find_blocks, release_free_memory
 from quantwise.modules import ObservedLayer, QuantizedLayer, is_supported, unsupported_reason
 from quantwise.state import LayerRecord, QuantState, get_state, set_state
-from quantwise.stream.folder import load_block, materialize_rest, meta_skeleton, release_rest
+from quantwise.stream.folder import (load_block, materialize_rest, meta_skeleton, release_rest,
+                                     stored_prefix)
 from quantwise.stream.progress import Progress, partial_dir, run_key
 from quantwise.workflow import (_code_limits, _convert_layer, _needs_calibration, nonempty,
                                 prepare, record_kernel)
@@ -64,7 +65,7 @@ def quantize_folder(folder: str | os.PathLike, config: "Config | str", calib_dat
     from the first unfinished block, with the result of an uninterrupted run."""
     folder = Path(folder)
     config = Config.resolve(config)
-    checkpoint = ShardedCheckpoint.open(folder)
+    checkpoint = ShardedCheckpoint.open(folder, allow_non_float=True)  # checked below
     try:
         config_json = json.loads((folder / "config.json").read_text())
     except (OSError, UnicodeDecodeError, ValueError) as exc:
@@ -72,6 +73,9 @@ def quantize_folder(folder: str | os.PathLike, config: "Config | str", calib_dat
     checkpoint.check_config(config_json, folder / "config.json")
     out = check_output_dir(out, overwrite)
     model = meta_skeleton(folder)
+    strip = stored_prefix(model)
+    checkpoint.check_float({n[len(strip):] for n, b in model.named_buffers()
+                            if not b.is_floating_point()})
     found = find_blocks(model)
     if found is None:
         raise ModelLoadError(f"{folder}: no repeated transformer blocks in its model; streaming "
@@ -102,7 +106,7 @@ def quantize_folder(folder: str | os.PathLike, config: "Config | str", calib_dat
     writer.restore(run.saved)
     try:
         def read(index: int) -> nn.Module:
-            block = load_block(blocks[index], f"{blocks_name}.{index}.", checkpoint)
+            block = load_block(blocks[index], f"{blocks_name}.{index}.", checkpoint, strip)
             # unmap the shards: their pages read so far stay resident while mapped, and would
             # grow the process by every block read (measured: +25 MB per bf16 block of 22 MB)
             checkpoint.close()
