@@ -303,3 +303,32 @@ def test_carried_hidden_states_past_the_budget_are_mapped_from_disk(folder, tmp_
     assert mapped == [True] * SMALL["num_hidden_layers"]
     a, b = _tensors(spilled), _tensors(held)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_benchmark_measures_the_quantized_model_alone_when_the_float_one_does_not_fit(
+        folder, tmp_path, monkeypatch, capsys):
+    import quantwise.io
+    from safetensors.torch import save_file
+
+    from quantwise.cli import main
+
+    out = quantize_folder(folder, "w8", None, tmp_path / "q", progress=False)
+    data = tmp_path / "ids"
+    data.mkdir()
+    for i, batch in enumerate(_calib(2)):
+        save_file(batch, str(data / f"{i}.safetensors"))
+    monkeypatch.setattr(quantwise.io, "available_memory", lambda: 1000)  # nothing fits
+    assert main(["benchmark", str(out), "--data", str(data), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["before"] is None and report["speedup"] is None
+    assert report["after"]["metric"] == "perplexity" and report["after"]["quality"] > 1
+    assert any("measuring the quantized model alone" in n for n in report["notes"])
+    # the same perplexity as the model loaded and scored by hand
+    batches = [load_file(str(data / f"{i}.safetensors")) for i in range(2)]
+    expected = quantwise.evaluate(quantwise.load(out), batches, "perplexity").value
+    assert report["after"]["quality"] == pytest.approx(expected, rel=1e-6)
+    assert main(["benchmark", str(out)]) == 2  # no data: says what to pass
+    assert "pass --data" in capsys.readouterr().err
+    monkeypatch.setattr(quantwise.io, "available_memory", lambda: 10 ** 12)  # fits: side by side
+    assert main(["benchmark", str(out), "--data", str(data)]) == 0
+    assert "fp32: not measured" not in capsys.readouterr().out

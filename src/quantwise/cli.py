@@ -180,6 +180,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _format_report(report) -> str:
     b, a = report.before, report.after
+    if b is None:  # the quantized model alone (its float model does not fit: see the notes)
+        return (f"\n{report.layers}\n\nmodel {report.model}, config {report.config}, "
+                f"{report.threads} threads, checkpoint {report.out}\n"
+                f"{a.name}: {a.size_bytes / 1e6:.3f} MB on disk, {a.latency_ms:.2f} ms (median), "
+                f"{a.quality.metric} {_quality(a.quality)}; fp32: not measured")
     higher_better = b.quality.metric != "perplexity"
     rows = [("", "size on disk", "latency (median)", b.quality.metric),
             ("fp32", f"{b.size_bytes / 1e6:.3f} MB", f"{b.latency_ms:.2f} ms", _quality(b.quality)),
@@ -290,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{k}: {v}" for k, v in report.items() if k != "notes")
             + "".join(f"\nnote: {n}" for n in notes))
         return 0
-    report.notes = notes
+    report.notes = report.notes + notes
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:

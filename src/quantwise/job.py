@@ -46,17 +46,19 @@ class JobReport:
     config: str
     out: Path
     threads: int
-    before: Measured
+    before: Measured | None  # None: the float model was not loaded (see notes)
     after: Measured
     layers: Summary
     notes: list[str] = field(default_factory=list)
     plan: Plan | None = None  # when the config was planned against an accuracy budget
 
     def to_dict(self) -> dict[str, Any]:
+        b = self.before
         return {"model": self.model, "config": self.config, "out": str(self.out),
-                "threads": self.threads, "before": self.before.to_dict(), "after": self.after.to_dict(),
-                "size_ratio": self.after.size_bytes / self.before.size_bytes,
-                "speedup": self.before.latency_ms / self.after.latency_ms,
+                "threads": self.threads, "after": self.after.to_dict(),
+                "before": None if b is None else b.to_dict(),
+                "size_ratio": None if b is None else self.after.size_bytes / b.size_bytes,
+                "speedup": None if b is None else b.latency_ms / self.after.latency_ms,
                 "layers": self.layers.to_dict(), "notes": self.notes,
                 "plan": None if self.plan is None else self.plan.to_dict()}
 
@@ -176,8 +178,13 @@ def run_analyze_job(model_ref: str = DEFAULT_MODEL, config: str = "w8a8", calib:
 
 def run_benchmark_job(folder: str | Path, data: str | None = None, model_ref: str | None = None,
                       log: Callable[[str], None] = lambda _: None) -> JobReport:
-    """Reload a saved quantized model and measure it against its float model, side by side."""
+    """Reload a saved quantized model and measure it against its float model, side by side
+    (the quantized model alone, by perplexity, when the float one would not fit in memory)."""
     folder = Path(folder)
+    too_big = _float_does_not_fit(folder, model_ref)
+    if too_big:
+        log(too_big)
+        return _measure_alone(folder, data, too_big)
     meta, model, info, qmodel = _reload(folder, model_ref, log)
     if data is not None:
         evals = (load_calibration_data(data, info), "cosine")
@@ -187,6 +194,45 @@ def run_benchmark_job(folder: str | Path, data: str | None = None, model_ref: st
         raise CalibrationError(f"model {info.name!r} has no built-in evaluation data: pass --data "
                                "(a text file, or a folder of .npy / .safetensors inputs)")
     return _measure(model, qmodel, info, meta["config"].get("name", "quantized"), folder, evals)
+
+
+def _float_does_not_fit(folder: Path, model_ref: str | None) -> str | None:
+    """Why the float model is not loaded beside the quantized one: its source is a Hugging Face
+    folder whose float32 weights plus the quantized model (kernels: up to ~3x its size on disk)
+    exceed the memory available. None: it fits, or nothing says otherwise."""
+    from quantwise.formats.shards import float32_bytes
+    from quantwise.io import available_memory
+
+    ref = model_ref or read_metadata(folder).get("source")
+    path = Path(ref) if ref else None
+    if path is None or not (path / "config.json").is_file() or not is_hf_folder(folder):
+        return None
+    float32, available = float32_bytes(path), available_memory()
+    if float32 is None or available is None or float32 + 3 * folder_bytes(folder) <= available:
+        return None
+    return (f"the float model {path} is {float32 / 1e9:.1f} GB in float32 with "
+            f"{available / 1e9:.1f} GB of memory available: measuring the quantized model alone")
+
+
+def _measure_alone(folder: Path, data: str | None, why: str) -> JobReport:
+    """Size, latency and perplexity of a quantized causal LM without its float model."""
+    from quantwise.stream.job import folder_tokenizer
+
+    meta = read_metadata(folder)
+    qmodel = load(folder)
+    if not type(qmodel).__name__.endswith("ForCausalLM"):
+        raise CheckpointError(f"{why}, but {type(qmodel).__name__} is not a causal LM, whose "
+                              "perplexity needs no float reference: run `quantwise benchmark` "
+                              "where the float model fits")
+    if data is None:
+        raise CalibrationError(f"{folder} is a causal LM without its float model here: pass --data "
+                               "(a text file, or .npy / .safetensors token ids) to score its perplexity")
+    info = ModelInfo(folder.name, "causal-lm", None, None, "perplexity", source=str(folder))
+    batches = load_calibration_data(data, info, tokenizer=folder_tokenizer(folder), batch_size=8)
+    after = Measured(meta["config"].get("name", "quantized"), folder_bytes(folder),
+                     median_latency_ms(qmodel, batches[0]), evaluate(qmodel, batches, "perplexity"))
+    return JobReport(info.name, after.name, folder, torch.get_num_threads(), None, after,
+                     summary(qmodel), notes=[why])
 
 
 def _reload(folder: Path, model_ref: str | None, log: Callable[[str], None]

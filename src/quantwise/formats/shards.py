@@ -297,3 +297,13 @@ def write_index(folder: Path, weight_map: dict[str, str], total_bytes: int,
         {"metadata": {"total_size": total_bytes, **(metadata or {})},
          "weight_map": dict(sorted(weight_map.items()))},
         indent=1) + "\n")
+
+
+def float32_bytes(folder: str | os.PathLike) -> int | None:
+    """Bytes the folder's weights take in float32 (from the headers only); None when it is not a
+    readable float safetensors checkpoint (the loader that needs it says why)."""
+    try:
+        tensors = ShardedCheckpoint.open(folder, allow_non_float=True).tensors
+    except (CheckpointError, ModelLoadError):
+        return None
+    return 4 * sum(math.prod(info.shape) for info in tensors.values())

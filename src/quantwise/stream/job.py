@@ -20,28 +20,20 @@ def stream_by_default(ref: str) -> str | None:
     """Why `quantwise quantize REF` should stream: REF is a Hugging Face folder whose float32
     weights would take more than half the memory available (the in-memory path holds the float
     model and its quantized copy); None otherwise (not such a folder, or it fits)."""
-    import math
-
-    from quantwise.errors import QuantwiseError
-    from quantwise.formats.shards import ShardedCheckpoint
+    from quantwise.formats.shards import float32_bytes
     from quantwise.io import available_memory
 
     path = Path(ref)
-    if not (path / "config.json").is_file():
-        return None
-    try:
-        tensors = ShardedCheckpoint.open(path).tensors
-    except QuantwiseError:
-        return None  # the in-memory load reports what is wrong with the folder
-    float32 = 4 * sum(math.prod(info.shape) for info in tensors.values())
+    float32 = float32_bytes(path) if (path / "config.json").is_file() else None
     available = available_memory()
-    if available is None or 2 * float32 <= available:
+    if float32 is None or available is None or 2 * float32 <= available:
         return None
     return (f"{path} is {float32 / 1e9:.1f} GB in float32 with {available / 1e9:.1f} GB of memory "
             "available: quantizing it block by block from its shards (as with --stream)")
 
 
-def _tokenizer(folder: Path) -> Any:
+def folder_tokenizer(folder: Path) -> Any:
+    """The folder's transformers tokenizer, or None (none there, or not one transformers reads)."""
     if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
         return None
     try:
@@ -63,7 +55,7 @@ def run_stream_job(folder: str, config: str, calib: str | None, out: str | None,
     target = Path(out) if out else default_out(folder, cfg.name)
     calib_data = None
     if calib:
-        calib_data = load_calibration_data(calib, None, tokenizer=_tokenizer(src), batch_size=8)
+        calib_data = load_calibration_data(calib, None, tokenizer=folder_tokenizer(src), batch_size=8)
         log(f"{len(calib_data)} calibration batches from {calib!r}")
     log(f"streaming {src} block by block with {cfg.name} into {target}"
         + (" (resuming)" if resume else ""))
