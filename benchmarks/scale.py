@@ -33,6 +33,7 @@ CASES = {
                 num_attention_heads=32, num_key_value_heads=32),
 }
 
+CALIBRATED = ("w4-gptq", "w4-awq")  # configs whose run pushes the calibration set through
 CHILD = r"""
 import json, sys, threading, time, torch
 from quantwise.stream import quantize_folder
@@ -141,9 +142,9 @@ def main() -> None:
     rows = []
     print(f"CPU: {cpu_model()} ({isa_label()}); 2 threads; calibration {args.samples} x {args.seq} "
           f"tokens; limit {args.limit_gib} GiB (sampled peak RSS)\n")
-    print("| model | layers | float32 GB | config | wall s | s / block | peak RSS GiB | RSS before GiB "
-          "| under limit |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| model | layers | float32 GB | config | wall s | s / block | calibration tokens / s "
+          "| peak RSS GiB | RSS before GiB | under limit |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for case in args.cases.split(","):
         src = folder_for(case, workdir)
         cfg = json.loads((src / "config.json").read_text())
@@ -155,17 +156,21 @@ def main() -> None:
                                    str(cfg["vocab_size"])])
             if isinstance(r, str):
                 print(f"| {case} | {cfg['num_hidden_layers']} | {fp32_gb:.1f} | {config} | failed: "
-                      f"{r} | | | | |", flush=True)
+                      f"{r} | | | | | |", flush=True)
                 continue
             layers = cfg["num_hidden_layers"]
             peak = r["peak_rss"] / 2 ** 30
             row = {"case": case, "layers": layers, "fp32_gb": round(fp32_gb, 2), "config": config,
                    "wall_s": round(r["wall_s"], 1), "s_per_block": round(r["wall_s"] / layers, 2),
+                   # every calibration token through all the blocks; none for round-to-nearest
+                   "calib_tokens_per_s": (round(args.samples * args.seq / r["wall_s"], 1)
+                                          if config in CALIBRATED else None),
                    "peak_rss_gib": round(peak, 3), "rss_before_gib": round(r["rss_before"] / 2 ** 30, 3),
                    "under_limit": peak < args.limit_gib}
             rows.append(row)
             print(f"| {case} | {layers} | {row['fp32_gb']} | {config} | {row['wall_s']} | "
-                  f"{row['s_per_block']} | {row['peak_rss_gib']} | {row['rss_before_gib']} | "
+                  f"{row['s_per_block']} | {row['calib_tokens_per_s'] or '-'} | "
+                  f"{row['peak_rss_gib']} | {row['rss_before_gib']} | "
                   f"{row['under_limit']} |", flush=True)
             if args.eval_seqs:
                 loaded = _rss_child(LOAD_CHILD, [str(out), str(args.eval_seqs), str(args.seq),
@@ -175,16 +180,17 @@ def main() -> None:
     if args.eval_seqs:
         print(f"\nReloaded with quantwise.load and scored (perplexity of {args.eval_seqs} x "
               f"{args.seq} random tokens) in a fresh process:\n")
-        print("| model | config | load s | evaluate s | peak RSS GiB | RSS before GiB | under limit "
+        print("| model | config | load s | evaluate s | tokens / s | peak RSS GiB | RSS before GiB | under limit "
               "| 8-bit codes only |")
-        print("|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|")
         for row in rows:
             r = row.get("load", {})
             if "failed" in r:
-                print(f"| {row['case']} | {row['config']} | failed: {r['failed']} | | | | | |")
+                print(f"| {row['case']} | {row['config']} | failed: {r['failed']} | | | | | | |")
                 continue
             peak = r["peak_rss"] / 2 ** 30
             print(f"| {row['case']} | {row['config']} | {r['load_s']:.1f} | {r['eval_s']:.1f} | "
+                  f"{args.eval_seqs * args.seq / r['eval_s']:.1f} | "
                   f"{peak:.3f} | {r['rss_before'] / 2 ** 30:.3f} | {peak < args.limit_gib} | "
                   f"{r['lean']} |")
     if args.json:
