@@ -134,6 +134,20 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--data", help="evaluation inputs (same forms as --calib); default: the model's own "
                                   "held-out data")
     b.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    g = sub.add_parser(
+        "generate", help="continue a prompt with a causal LM, float or quantized (KV cache)",
+        description="Load MODEL (a quantwise checkpoint folder, a built-in name such as stdlib-lm, "
+                    "or a Hugging Face folder) and continue --prompt, greedy or sampled; prints "
+                    "the text and the prefill / decode tokens per second.")
+    g.add_argument("model", help="a quantwise checkpoint folder, a built-in name, or an HF folder")
+    g.add_argument("--prompt", required=True, help="the text to continue")
+    g.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default: 64)")
+    g.add_argument("--temperature", type=float, default=0.0,
+                   help="0: greedy (default); above 0: sampled at this temperature")
+    g.add_argument("--top-k", type=int, help="sample from the k most likely tokens")
+    g.add_argument("--top-p", type=float, help="sample from the smallest set with this probability")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    g.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     t = sub.add_parser(
         "qat", help="quantization-aware fine-tuning of a built-in model (resumable), then convert",
         description="Fine-tune MODEL with fake quantization (LSQ scales, distillation from fp32) for "
@@ -253,6 +267,12 @@ def main(argv: list[str] | None = None) -> int:
                 report = run_export_job(args.folder, args.out, args.model, args.data, args.max_rel_err,
                                         args.batches, not args.no_per_layer, args.overwrite, args.opset,
                                         log=log, weight_dtype=args.weight_dtype)
+            elif args.command == "generate":
+                from quantwise.runtime.generate import generate, load_generator
+
+                model, tokenizer = load_generator(args.model)
+                report = generate(model, tokenizer, args.prompt, args.max_new_tokens,
+                                  args.temperature, args.top_k, args.top_p, args.seed)
             elif args.command == "benchmark":
                 report = run_benchmark_job(args.folder, args.data, args.model, log=log)
             elif args.stream:
@@ -280,6 +300,13 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     if args.command == "qat":
         print(json.dumps(report.to_dict(), indent=2) if args.json else report)
+        return 0
+    if args.command == "generate":
+        rate = report.decode_tokens_per_s
+        print(json.dumps(report.to_dict(), indent=2) if args.json else
+              f"{report.prompt}{report.text}\n\n{report.new_tokens} new tokens; prefill "
+              f"{report.prompt_tokens} tokens in {report.prefill_s * 1e3:.1f} ms, decode "
+              + (f"{rate:.1f} tokens/s" if rate else "-"))
         return 0
     if args.command == "analyze":
         print(report.to_json() if args.json else report)
