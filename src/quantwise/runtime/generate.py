@@ -111,18 +111,35 @@ def generate(model: nn.Module, tokenizer: Any, prompt: str, max_new_tokens: int 
         value = getattr(tokenizer, name, None)
         if value is not None:
             settings[name] = value
-    clock = _Clock()
     torch.manual_seed(seed)
-    start = time.perf_counter()
-    with torch.no_grad():
-        out = model.generate(**inputs, streamer=clock, **settings)
-    new = out[0, inputs["input_ids"].shape[1]:]
-    first = clock.times[1] if len(clock.times) > 1 else time.perf_counter()
-    last = clock.times[-1] if len(clock.times) > 1 else first
+    new, prefill_s, decode_s = _timed(model, inputs, settings)
     text = tokenizer.decode(new, skip_special_tokens=True) if hasattr(tokenizer, "model_input_names") \
         else tokenizer.decode(new)
     return Generation(prompt, text, int(inputs["input_ids"].shape[1]), int(new.numel()),
-                      first - start, last - first, sampled)
+                      prefill_s, decode_s, sampled)
+
+
+def _timed(model: nn.Module, inputs: dict[str, torch.Tensor], settings: dict[str, Any]
+           ) -> tuple[torch.Tensor, float, float]:
+    """(new token ids, prefill seconds, decode seconds) of one generate() call."""
+    clock = _Clock()
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(**inputs, streamer=clock, **settings)
+    first = clock.times[1] if len(clock.times) > 1 else time.perf_counter()
+    last = clock.times[-1] if len(clock.times) > 1 else first
+    return out[0, inputs["input_ids"].shape[1]:], first - start, last - first
+
+
+def time_decode(model: nn.Module, input_ids: torch.Tensor, new_tokens: int) -> tuple[float, float]:
+    """(prefill tokens / s, decode tokens / s) of greedy generation of exactly `new_tokens`
+    after the [1, T] prompt `input_ids` (end-of-sequence ignored): the benchmarks' measure."""
+    new, prefill_s, decode_s = _timed(model, {"input_ids": input_ids}, {
+        "do_sample": False, "max_new_tokens": new_tokens, "min_new_tokens": new_tokens,
+        "temperature": None, "top_k": None, "top_p": None, "pad_token_id": 0})
+    if new.numel() != new_tokens:
+        raise RuntimeError(f"generated {new.numel()} tokens, not {new_tokens}")
+    return input_ids.shape[1] / prefill_s, (new_tokens - 1) / decode_s
 
 
 def load_generator(ref: str) -> tuple[nn.Module, Any]:
