@@ -187,6 +187,21 @@ def build_parser() -> argparse.ArgumentParser:
                         "whose u8 x s8 kernels saturate); auto: uint8 only where ONNX Runtime "
                         "here is measured to saturate on the model's codes (default)")
     e.add_argument("--no-per-layer", action="store_true", help="skip the per-layer comparison")
+    e.add_argument("--format", choices=("onnx", "compressed-tensors", "gguf"), default="onnx",
+                   help="onnx (default): a QDQ graph for ONNX Runtime; compressed-tensors: a "
+                        "Hugging Face folder that transformers / vLLM load (weight-only int4 / int8 "
+                        "LLMs); gguf: one file for llama.cpp (Llama architecture, byte tokenizer)")
+    e.add_argument("--qtype", choices=("Q8_0", "Q4_0"), default="Q8_0",
+                   help="GGUF tensor type (blocks of 32 with an fp16 scale; default: Q8_0)")
+    e.add_argument("--requantize", action="store_true",
+                   help="GGUF: re-quantize every weight from its dequantized values with gguf's "
+                        "quantizer (default: keep quantwise's own codes where its groups tile "
+                        "GGUF's blocks, only the scales rounded to fp16)")
+    e.add_argument("--quantized-head", action="store_true",
+                   help="compressed-tensors: keep a quantized lm_head packed (transformers loads "
+                        "it; vLLM expects a float head, the default)")
+    e.add_argument("--no-check", action="store_true",
+                   help="compressed-tensors / gguf: skip reading the export back with transformers")
     e.add_argument("--overwrite", action="store_true", help="replace an existing .onnx file")
     e.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     return parser
@@ -263,6 +278,12 @@ def main(argv: list[str] | None = None) -> int:
                                      args.batch_size, args.resume, args.overwrite,
                                      progress=not (args.quiet or args.json), log=log,
                                      freeze_bn_at=args.freeze_bn_at)
+            elif args.command == "export" and args.format != "onnx":
+                from quantwise.export.llm import run_llm_export
+
+                report = run_llm_export(args.folder, args.format, args.out, args.qtype,
+                                        not args.requantize, args.quantized_head, args.overwrite,
+                                        not args.no_check, log=log)
             elif args.command == "export":
                 report = run_export_job(args.folder, args.out, args.model, args.data, args.max_rel_err,
                                         args.batches, not args.no_per_layer, args.overwrite, args.opset,
@@ -315,6 +336,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"note: {note}")
         return 0
     if args.command == "export":
+        if args.format != "onnx":
+            from quantwise.export.llm import format_report
+
+            print(json.dumps({**report, "notes": notes}, indent=2) if args.json
+                  else format_report(report) + "".join(f"\nnote: {n}" for n in notes))
+            return 0
         return _print_export(report, notes, args.json)
     if getattr(args, "stream", False):
         report["notes"] = notes

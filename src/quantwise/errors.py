@@ -33,5 +33,9 @@ class EvaluationError(QuantwiseError, ValueError):
     """An eval_fn is not callable, or returned something that is not a finite number."""
 
 
+class ExportError(QuantwiseError, ValueError):
+    """A checkpoint that a target format (compressed-tensors, GGUF) cannot express."""
+
+
 class QuantwiseWarning(UserWarning):
     """Something worked but deserves the user's attention (outliers, non-finite values, fallbacks)."""

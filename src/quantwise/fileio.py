@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -26,3 +27,25 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def swap_in(staging: Path, folder: Path) -> None:
+    """Replace `folder` by `staging` with renames, so a reader never sees half of it (a checkpoint, an export)."""
+    if not folder.exists():
+        os.replace(staging, folder)
+        return
+    backup = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old.", dir=folder.parent))
+    os.replace(folder, backup / "old")
+    try:
+        os.replace(staging, folder)
+    except BaseException:
+        os.replace(backup / "old", folder)
+        raise
+    finally:
+        shutil.rmtree(backup, ignore_errors=True)

@@ -27,7 +27,7 @@ from torch import nn
 from quantwise._version import __version__
 from quantwise.config import Config
 from quantwise.errors import CheckpointError, OutputPathError
-from quantwise.fileio import atomic_write_text
+from quantwise.fileio import atomic_write_text, current_umask, swap_in
 from quantwise.fold import fold_conv_bn
 from quantwise.formats.shards import INDEX, ShardedCheckpoint, write_shards
 from quantwise.encoder import apply_encoder_fastpath
@@ -86,12 +86,12 @@ def save(model: nn.Module, folder: str | Path, overwrite: bool = False,
     folder = check_output_dir(folder, overwrite)
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the output is an ordinary folder
+    staging.chmod(0o777 & ~current_umask())  # mkdtemp makes it private; the output is an ordinary folder
     try:
         _write_weights(model, staging, shard_bytes)
         atomic_write_text(staging / META_FILE, json.dumps(_metadata(model, state), separators=(",", ":")))
         _copy_hf_files(state, staging)
-        _swap_in(staging, folder)
+        swap_in(staging, folder)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -111,7 +111,7 @@ def _write_weights(model: nn.Module, staging: Path, shard_bytes: int) -> None:
     else:
         written = [staging / n for n in set(write_shards(state, staging, shard_bytes, metadata).values())]
     for path in written:
-        path.chmod(0o666 & ~_umask())
+        path.chmod(0o666 & ~current_umask())
 
 
 def _hf_source(source: str | None) -> Path | None:
@@ -135,28 +135,6 @@ def _copy_hf_files(state: QuantState, staging: Path) -> None:
             text = with_quantization_config(text, {"quantwise_version": __version__,
                                                    "config": state.config.to_dict()})
         atomic_write_text(target, text)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _swap_in(staging: Path, folder: Path) -> None:
-    """Replace `folder` by `staging` with renames, so a reader never sees half a checkpoint."""
-    if not folder.exists():
-        os.replace(staging, folder)
-        return
-    backup = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old.", dir=folder.parent))
-    os.replace(folder, backup / "old")
-    try:
-        os.replace(staging, folder)
-    except BaseException:
-        os.replace(backup / "old", folder)
-        raise
-    finally:
-        shutil.rmtree(backup, ignore_errors=True)
 
 
 def _metadata(model: nn.Module, state: QuantState) -> dict[str, Any]:

@@ -216,7 +216,7 @@ def _float_does_not_fit(folder: Path, model_ref: str | None) -> str | None:
 
 def _measure_alone(folder: Path, data: str | None, why: str) -> JobReport:
     """Size, latency and perplexity of a quantized causal LM without its float model."""
-    from quantwise.stream.job import folder_tokenizer
+    from quantwise.models.hf import folder_tokenizer
 
     meta = read_metadata(folder)
     qmodel = load(folder)

@@ -104,3 +104,15 @@ def skeleton_from_folder(folder: str | Path, empty: bool = False) -> nn.Module:
 
         model = SentenceEmbedder(model, normalize=_wants_normalize(folder))
     return model.eval()
+
+
+def folder_tokenizer(folder: Path) -> Any:
+    """The folder's transformers tokenizer, or None (none there, or not one transformers reads)."""
+    if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        return None
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError, KeyError):  # a byte-level folder without a transformers tokenizer
+        return None

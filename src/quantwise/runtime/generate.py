@@ -70,7 +70,7 @@ def load_tokenizer(folder: str | Path) -> Any:
             from quantwise.models.stdlib_lm import ByteTokenizer
 
             return ByteTokenizer()
-    from quantwise.stream.job import folder_tokenizer
+    from quantwise.models.hf import folder_tokenizer
 
     tokenizer = folder_tokenizer(folder)
     if tokenizer is None:

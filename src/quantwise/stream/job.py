@@ -13,6 +13,7 @@ from typing import Any
 from quantwise.config import Config
 from quantwise.data import load_calibration_data
 from quantwise.evaluate import folder_bytes
+from quantwise.models.hf import folder_tokenizer
 from quantwise.stream.quantize import quantize_folder
 
 
@@ -30,18 +31,6 @@ def stream_by_default(ref: str) -> str | None:
         return None
     return (f"{path} is {float32 / 1e9:.1f} GB in float32 with {available / 1e9:.1f} GB of memory "
             "available: quantizing it block by block from its shards (as with --stream)")
-
-
-def folder_tokenizer(folder: Path) -> Any:
-    """The folder's transformers tokenizer, or None (none there, or not one transformers reads)."""
-    if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
-        return None
-    try:
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    except (OSError, ValueError, KeyError):  # a byte-level folder without a transformers tokenizer
-        return None
 
 
 def run_stream_job(folder: str, config: str, calib: str | None, out: str | None,

@@ -36,9 +36,9 @@ from torch import nn
 from quantwise.config import Config
 from quantwise.errors import ConfigError, ModelLoadError
 from quantwise.formats.shards import ShardedCheckpoint, shard_file_names, write_index
-from quantwise.io import (FORMAT_VERSION, META_FILE, _copy_hf_files, _metadata, _swap_in,
-                          _umask, available_memory, check_output_dir)
-from quantwise.fileio import atomic_write_text
+from quantwise.io import (FORMAT_VERSION, META_FILE, _copy_hf_files, _metadata,
+                          available_memory, check_output_dir)
+from quantwise.fileio import atomic_write_text, current_umask, swap_in
 from quantwise.methods import apply_method
 from quantwise.methods.blocks import BlockStream, find_blocks, release_free_memory
 from quantwise.modules import ObservedLayer, QuantizedLayer, is_supported, unsupported_reason
@@ -98,7 +98,7 @@ def quantize_folder(folder: str | os.PathLike, config: "Config | str", calib_dat
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = partial_dir(out)
     run = Progress.begin(staging, run_key(checkpoint, config, calib_data), resume)
-    staging.chmod(0o777 & ~_umask())
+    staging.chmod(0o777 & ~current_umask())
     files = shard_file_names(len(blocks) + 1)
     available = available_memory()
     carry_budget = CARRY_FRACTION * available if available is not None else float("inf")
@@ -143,7 +143,7 @@ def quantize_folder(folder: str | os.PathLike, config: "Config | str", calib_dat
                 release_free_memory()
         writer.finish(model, order)
         run.clear()
-        _swap_in(staging, out)
+        swap_in(staging, out)
     except BaseException:
         if run.done == 0:  # nothing worth resuming
             shutil.rmtree(staging, ignore_errors=True)
@@ -224,7 +224,7 @@ class _Writer:
         tensors = {k: v.contiguous() for k, v in tensors.items()}
         tmp = self.staging / f".{file_name}.tmp"
         safetensors.torch.save_file(tensors, str(tmp), metadata=_SHARD_META)
-        tmp.chmod(0o666 & ~_umask())
+        tmp.chmod(0o666 & ~current_umask())
         os.replace(tmp, self.staging / file_name)
         self.weight_map.update({name: file_name for name in tensors})
         self.total += sum(t.numel() * t.element_size() for t in tensors.values())
