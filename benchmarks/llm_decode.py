@@ -13,6 +13,12 @@ TinyLlama-1.1B shape with random bf16 weights (formats/synthetic.py, the folder
 benchmarks/scale.py writes), prompted with random tokens; its quantized models come from the
 streaming quantizer (GPTQ: 64 x 256 random-token calibration, ~26 min on 2 cores, so an
 existing `out-tiny22-w4-gptq` of scale.py in the workdir is reused when present).
+"llama.cpp Q4_0 / Q8_0": quantwise's w4 / w8 checkpoint exported with `quantwise export --format
+gguf` (codes kept where they tile GGUF's blocks) and run by llama-cpp-python (2 threads, greedy,
+the same prompt tokens; its generator timed the same way). llama-cpp-python is not in the
+project's extras (it compiles llama.cpp: ~6 min here): `pip install llama-cpp-python`; without
+it those rows say so. The random tiny22 folder has no tokenizer: its GGUF gets the byte
+tokenizer description (the token ids are arbitrary anyway).
 """
 
 from __future__ import annotations
@@ -64,6 +70,51 @@ def _tiny(config: str, workdir: Path):
     return quantwise.load(out)
 
 
+def _gguf(model_name: str, qtype: str, workdir: Path) -> Path:
+    """quantwise's w4 (Q4_0) or w8 (Q8_0) checkpoint as GGUF, written once per workdir."""
+    import quantwise
+    from quantwise.formats.gguf_export import export_gguf
+
+    config = {"Q4_0": "w4", "Q8_0": "w8"}[qtype]
+    out = workdir / f"{model_name}-{config}-{qtype}.gguf"
+    if out.is_file():
+        return out
+    if model_name == "stdlib-lm":
+        from quantwise.data import load_calibration_data
+        from quantwise.models.stdlib_lm import WEIGHTS_DIR, load_stdlib_lm
+
+        folder = quantwise.save(quantwise.quantize(
+            load_stdlib_lm(), config, load_calibration_data("stdlib-code"), progress=False,
+            source=str(WEIGHTS_DIR)), workdir / f"stdlib-lm-{config}", overwrite=True)
+    else:
+        _tiny(config, workdir)  # the streamed checkpoint
+        folder = workdir / f"out-tiny22-{config}"
+        if not (folder / "tokenizer.json").is_file():
+            from quantwise.models.stdlib_lm import ByteTokenizer
+
+            (folder / "tokenizer.json").write_text(json.dumps(ByteTokenizer().to_dict()))
+    export_gguf(folder, out, qtype, overwrite=True, keep_codes=True)
+    return out
+
+
+def _llama_cpp(path: Path, ids: torch.Tensor, new: int) -> tuple[float, float]:
+    """(prefill tokens / s, decode tokens / s) of llama.cpp greedy generation, timed as
+    time_decode times quantwise: to the first new token, then the rest."""
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(path), n_threads=2, n_threads_batch=2, n_ctx=ids.shape[1] + new + 8,
+                n_batch=ids.shape[1], verbose=False)
+    tokens = ids[0].tolist()
+    out = []
+    start = time.perf_counter()
+    for tok in llm.generate(tokens, top_k=1, temp=0.0, min_p=0.0, top_p=1.0, repeat_penalty=1.0):
+        out.append(time.perf_counter())
+        if len(out) == new:
+            break
+    llm.close()
+    return len(tokens) / (out[0] - start), (new - 1) / (out[-1] - out[0])
+
+
 def _prompt(model_name: str, n: int) -> torch.Tensor:
     if model_name == "stdlib-lm":
         from quantwise.models.stdlib_lm import split_tokens
@@ -73,13 +124,16 @@ def _prompt(model_name: str, n: int) -> torch.Tensor:
 
 
 def _name(config: str) -> str:
+    if config.startswith("llama.cpp"):
+        return config.replace("-", " ")
     return {"fp32": "transformers fp32", "bf16-cast": "transformers bf16"}.get(config, f"quantwise {config}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="stdlib-lm,tiny22")
-    ap.add_argument("--configs", default="fp32,bf16-cast,bf16,w8,w4,w4-gptq")
+    ap.add_argument("--configs", default="fp32,bf16-cast,bf16,w8,w4,w4-gptq,llama.cpp-Q8_0,"
+                                         "llama.cpp-Q4_0")
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=2)
@@ -103,10 +157,22 @@ def main() -> None:
         base = None
         for config in args.configs.split(","):
             t = time.perf_counter()
-            model = build(config, workdir)
-            built = time.perf_counter() - t
-            time_decode(model, ids[:, :16], 4)  # warm-up: kernels, caches
-            runs = [time_decode(model, ids, args.new) for _ in range(args.repeats)]
+            if config.startswith("llama.cpp"):
+                try:
+                    import llama_cpp  # noqa: F401
+                except ImportError:
+                    print(f"| {model_name} | {config} | not run: llama-cpp-python is not installed | | |")
+                    continue
+                path = _gguf(model_name, config.split("-")[1], workdir)
+                built = time.perf_counter() - t
+                _llama_cpp(path, ids[:, :16], 4)
+                runs = [_llama_cpp(path, ids, args.new) for _ in range(args.repeats)]
+                model = None
+            else:
+                model = build(config, workdir)
+                built = time.perf_counter() - t
+                time_decode(model, ids[:, :16], 4)  # warm-up: kernels, caches
+                runs = [time_decode(model, ids, args.new) for _ in range(args.repeats)]
             prefill, decode = max(r[0] for r in runs), max(r[1] for r in runs)
             base = decode if config == "fp32" else base
             row = {"model": model_name, "system": _name(config), "prefill_tok_s": round(prefill, 1),
