@@ -82,7 +82,7 @@ def test_roundtrip_perplexity(checkpoints, heldout, tmp_path, preset, qtype):
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # input untouched
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left
     n_mat = 2 + 7 * CONFIG["num_hidden_layers"]
-    assert len(info["exact"]) + len(info["requantized"]) == n_mat
+    assert len(info["exact"]) + len(info["rounded"]) + len(info["requantized"]) == n_mat
     assert len(info["float"]) == 1 + 2 * CONFIG["num_hidden_layers"]
     ref = _ppl(quantwise.load(folder), heldout)
     got = _ppl(model_from_gguf(out), heldout)

@@ -10,7 +10,7 @@ output rows, or groups that are multiples of 32), and every scale an fp16 number
 codes in [-127, 127]; Q4_0: int4 codes in [-8, 7]). Otherwise (fp32 per-channel scales,
 affine weights, group 128 scales that are not fp16, float weights) it is dequantized to float32
 and re-quantized with gguf's own quantizer (`gguf.quants.quantize`); the returned dict lists
-which. `keep_codes=True` keeps the codes of such weights too when only their scales are not
+which. `keep_codes=True` (the default) keeps the codes of such weights too when only their scales are not
 fp16 numbers (the scales are then rounded to fp16: "rounded"). Norm weights and any row length
 that is not a multiple of 32 are written F32.
 
@@ -236,7 +236,7 @@ def byte_vocab(config: dict[str, Any], tokenizer: dict[str, Any] | None) -> dict
 
 # -- export ------------------------------------------------------------------------------------
 def export_gguf(folder: str | os.PathLike, out: str | os.PathLike, qtype: str = "Q8_0",
-                overwrite: bool = False, *, keep_codes: bool = False) -> dict[str, Any]:
+                overwrite: bool = False, *, keep_codes: bool = True) -> dict[str, Any]:
     """Write the quantwise checkpoint `folder` (a LlamaForCausalLM) as the GGUF file `out`.
 
     Returns {"path", "qtype", "bytes", "exact": [...], "requantized": [...], "float": [...],
