@@ -34,11 +34,9 @@ CASES = {
 }
 
 CALIBRATED = ("w4-gptq", "w4-awq")  # configs whose run pushes the calibration set through
-CHILD = r"""
-import json, sys, threading, time, torch
-from quantwise.stream import quantize_folder
-src, cfg, out, samples, seq, vocab = sys.argv[1:7]
-torch.set_num_threads(2)
+# Both children sample their own resident memory every 10 ms from a thread (peak[0])
+SAMPLER = r"""
+import threading, time
 peak = [0]
 def rss():
     with open("/proc/self/status") as f:
@@ -50,6 +48,12 @@ def sample():
         peak[0] = max(peak[0], rss())
         time.sleep(0.01)
 threading.Thread(target=sample, daemon=True).start()
+"""
+CHILD = SAMPLER + r"""
+import json, sys, threading, time, torch
+from quantwise.stream import quantize_folder
+src, cfg, out, samples, seq, vocab = sys.argv[1:7]
+torch.set_num_threads(2)
 g = torch.Generator().manual_seed(0)
 calib = [{"input_ids": torch.randint(0, int(vocab), (1, int(seq)), generator=g)}
          for _ in range(int(samples))]
@@ -64,23 +68,12 @@ print(json.dumps({"wall_s": wall, "peak_rss": peak[0], "rss_before": base}))
 # The quantized output, loaded again (io.load: parameters on the meta device, never the float
 # model) and scored: perplexity of `seqs` random-token sequences (random weights: the number
 # itself means nothing; the run shows evaluate() fits in the same memory).
-LOAD_CHILD = r"""
+LOAD_CHILD = SAMPLER + r"""
 import json, sys, threading, time, torch
 import quantwise
 from quantwise.evaluate import evaluate
 out, seqs, seq, vocab, limit = sys.argv[1:6]
 torch.set_num_threads(2)
-peak = [0]
-def rss():
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-def sample():
-    while True:
-        peak[0] = max(peak[0], rss())
-        time.sleep(0.01)
-threading.Thread(target=sample, daemon=True).start()
 g = torch.Generator().manual_seed(1)
 batches = [torch.randint(0, int(vocab), (1, int(seq)), generator=g) for _ in range(int(seqs))]
 base = rss()

@@ -29,6 +29,7 @@ from quantwise.config import Config
 from quantwise.errors import CheckpointError, OutputPathError
 from quantwise.fileio import atomic_write_text, current_umask, swap_in
 from quantwise.fold import fold_conv_bn
+from quantwise.formats.metadata import FORMAT_VERSION, META_FILE, read_quantwise_json
 from quantwise.formats.shards import INDEX, ShardedCheckpoint, write_shards
 from quantwise.encoder import apply_encoder_fastpath
 from quantwise.int8graph import apply_int8_graph
@@ -41,9 +42,7 @@ from quantwise.spec import Format, PerGroup
 from quantwise.state import LayerRecord, QuantState, get_state, set_state
 
 WEIGHTS_FILE = "model.safetensors"
-META_FILE = "quantwise.json"
 SHARD_BYTES = 2 * 2 ** 30
-FORMAT_VERSION = 1
 
 
 def check_output_dir(folder: str | Path, overwrite: bool = False,
@@ -169,16 +168,7 @@ def read_metadata(folder: str | Path) -> dict[str, Any]:
     if not meta_path.is_file() or not (weights.is_file() or (folder / INDEX).is_file()):
         raise CheckpointError(f"{folder} has no quantwise checkpoint ({META_FILE} and "
                               f"{WEIGHTS_FILE}): pass a folder written by quantwise.save")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{meta_path} is not valid JSON ({exc})") from None
-    if not isinstance(meta, dict) or meta.get("format") != "quantwise":
-        raise CheckpointError(f"{meta_path} is not a quantwise metadata file")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{meta_path} has format version {meta.get('format_version')}; "
-                              f"this quantwise reads version {FORMAT_VERSION}")
-    return meta
+    return read_quantwise_json(folder)
 
 
 def load(folder: str | Path, model: nn.Module | None = None, fuse: bool = True,

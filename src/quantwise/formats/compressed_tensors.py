@@ -39,19 +39,15 @@ from typing import Any
 
 import torch
 
-from quantwise import errors as _errors
-from quantwise.errors import CheckpointError, OutputPathError
+from quantwise.errors import CheckpointError, ExportError, OutputPathError
 from quantwise.fileio import atomic_write_text, current_umask, swap_in
+from quantwise.formats.metadata import read_quantwise_json
 from quantwise.formats.shards import ShardedCheckpoint, shard_file_names, write_index
 from quantwise.models.hf import hf_files
 from quantwise.numerics import dequantize, unpack_int4
 from quantwise.spec import Format, PerChannel, PerGroup, PerTensor, QuantSpec
 
-# quantwise.errors.ExportError once it exists; until then the closest existing error.
-ExportError: type[Exception] = getattr(_errors, "ExportError", CheckpointError)
 
-META_FILE = "quantwise.json"
-FORMAT_VERSION = 1
 SHARD_BYTES = 4 * 2 ** 30
 EXTRA_FILES = ("chat_template.jinja", "chat_template.json")
 SUPPORTED = ("weight-only symmetric int4/int8 Linears, group-wise, per output channel or "
@@ -99,24 +95,8 @@ def export_compressed_tensors(folder: str | os.PathLike, out: str | os.PathLike,
 
 # -- checks -----------------------------------------------------------------------------------
 def _read_metadata(folder: Path) -> dict[str, Any]:
-    if not folder.is_dir():
-        raise CheckpointError(f"{folder} is not a folder: pass a folder written by quantwise.save")
-    path = folder / META_FILE
-    if not path.is_file():
-        raise CheckpointError(f"{folder} has no {META_FILE}: pass a folder written by quantwise.save "
-                              "or the streaming quantizer")
-    try:
-        meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path} is not valid JSON ({exc})") from None
-    if not isinstance(meta, dict) or meta.get("format") != "quantwise":
-        raise CheckpointError(f"{path} is not a quantwise metadata file")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path} has format version {meta.get('format_version')}; this "
-                              f"exporter reads version {FORMAT_VERSION}")
-    if not isinstance(meta.get("layers"), dict):
-        raise CheckpointError(f"{path} has no \"layers\" mapping")
-    return meta
+    return read_quantwise_json(folder, "pass a folder written by quantwise.save or the "
+                                       "streaming quantizer")
 
 
 def _read_config(folder: Path) -> dict[str, Any]:

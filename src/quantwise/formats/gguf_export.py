@@ -44,15 +44,10 @@ import numpy as np
 import torch
 
 from quantwise.fileio import current_umask
-from quantwise.errors import CheckpointError, ConfigError, ModelLoadError, OutputPathError
+from quantwise.errors import CheckpointError, ExportError, ModelLoadError, OutputPathError
+from quantwise.formats.metadata import read_quantwise_json
 from quantwise.numerics import dequantize, unpack_int4
 from quantwise.spec import Format, PerChannel, PerGroup, PerTensor, QuantSpec
-
-try:  # quantwise.errors may gain an ExportError (issue 16); until then, a ConfigError kind
-    from quantwise.errors import ExportError  # type: ignore[attr-defined]
-except ImportError:  # pragma: no cover - depends on the errors module of the checkout
-    class ExportError(ConfigError):  # type: ignore[no-redef]
-        """The checkpoint or the options cannot be exported to GGUF."""
 
 QTYPES = ("Q8_0", "Q4_0")
 ARCHITECTURES = ("LlamaForCausalLM",)
@@ -71,20 +66,8 @@ def _gguf():
 
 # -- the checkpoint ----------------------------------------------------------------------------
 def _read_metadata(folder: Path) -> dict[str, Any]:
-    """quantwise.json of a saved folder (formats sits below io, so read here, as io does)."""
-    path = folder / "quantwise.json"
-    hint = "pass a folder written by quantwise.save of a Llama causal LM"
-    if not folder.is_dir() or not path.is_file():
-        raise ExportError(f"{folder} is not a quantwise checkpoint (no quantwise.json): {hint}")
-    try:
-        meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
-        raise ExportError(f"{path} is not valid JSON ({exc})") from None
-    if not isinstance(meta, dict) or meta.get("format") != "quantwise" or meta.get("format_version") != 1:
-        raise ExportError(f"{path} is not a quantwise metadata file of format version 1: {hint}")
-    if not isinstance(meta.get("layers"), dict):
-        raise ExportError(f"{path} has no per-layer metadata: {hint}")
-    return meta
+    return read_quantwise_json(folder, "pass a folder written by quantwise.save of a Llama causal "
+                                       "LM", error=ExportError)
 
 
 def _read_config(folder: Path, meta: dict[str, Any]) -> tuple[dict[str, Any], Path | None]:
