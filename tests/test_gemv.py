@@ -39,11 +39,22 @@ def _assert_close(out, x, w_hat, bias, int16=True):
     assert (out.double() - ref).abs().le(bound).all()
 
 
-def test_blocked_int4_layout():
-    codes = torch.randint(-8, 8, (3, 128), dtype=torch.int8)
-    b = blocked_int4(codes).to(torch.int16).reshape(3, 2, 32)
-    lo, hi = (b & 15) - 8, (b >> 4) - 8
-    assert torch.equal(torch.cat([lo, hi], dim=-1).reshape(3, 128), codes.to(torch.int16))
+@pytest.mark.parametrize("n", [3, 4, 9])
+def test_blocked_int4_layout(n):
+    """Blocks of 64 codes as 32 bytes (low nibbles: codes 0-31); rows in tiles of 4 whose
+    blocks lie side by side; the last n % 4 rows row after row."""
+    codes = torch.randint(-8, 8, (n, 128), dtype=torch.int8)
+    b = blocked_int4(codes).to(torch.int16)
+    assert b.shape == (n, 64)
+    flat, full = b.reshape(-1), n - n % 4
+    for row in range(n):
+        for block in range(2):
+            at = (row // 4 * 4 * 64 + block * 128 + row % 4 * 32 if row < full
+                  else row * 64 + block * 32)
+            got = flat[at:at + 32]
+            lo, hi = (got & 15) - 8, (got >> 4) - 8
+            want = codes[row, block * 64:(block + 1) * 64].to(torch.int16)
+            assert torch.equal(torch.cat([lo, hi]), want)
 
 
 @needs_gemv
@@ -76,7 +87,8 @@ def test_int4_gemv_matches_the_simulation(m, n, k, group):
 
 @needs_gemv
 @pytest.mark.parametrize("bits,k,group", [(8, 8192, 8192), (8, 4112, 4112), (4, 2048, 2048),
-                                          (4, 512, 32), (4, 512, 256)])
+                                          (4, 4096, 4096), (4, 8192, 8192), (4, 512, 32),
+                                          (4, 512, 256)])
 def test_integer_sums_do_not_overflow_on_extreme_codes(bits, k, group):
     """Every product at its largest: activations at +-max (codes +-32767) against the extreme
     weight codes (-128 / -8), which overflow int32 (int8) or int16 (int4) sums if the runs

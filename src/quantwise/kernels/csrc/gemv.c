@@ -22,6 +22,8 @@
 #include <stdlib.h>
 #include <immintrin.h>
 
+#include "gemv.h"
+
 __attribute__((target("avx2,fma")))
 static inline float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -59,10 +61,11 @@ static inline __attribute__((always_inline)) void i8_block(const float *x, int k
         }
 }
 
-/* int4 layout (kernels/gemv.py blocked_int4): per block of 64 codes, 32 bytes; byte b holds
- * (code b + 8) in its low nibble and (code b + 32 + 8) in its high nibble, so one 32-byte load
- * and one mask (or shift) give 32 consecutive codes (the integer path below: 3 integer ops per
- * 64 codes where 16-byte blocks of 32 codes took 6). K % 64 == 0, group % 32 == 0.
+/* int4 layout (gemv.h, kernels/gemv.py blocked_int4): per block of 64 codes, 32 bytes; byte b
+ * holds (code b + 8) in its low nibble and (code b + 32 + 8) in its high nibble, so one 32-byte
+ * load and one mask (or shift) give 32 consecutive codes (the integer path below: 3 integer ops
+ * per 64 codes where 16-byte blocks of 32 codes took 6); rows in tiles of QW_TILE. K % 64 == 0,
+ * group % 32 == 0.
  * The float path: 8 bytes zero-extended to 8 int32 lanes, the high nibble as lane >> 4 (no
  * mask), the -8 exact in float. */
 __attribute__((target("avx2,fma")))
@@ -98,7 +101,7 @@ static inline __attribute__((always_inline)) void i4_block(const float *x, int k
         for (int t = 0; t < rows; t++) {
             const int64_t row = r + t;
             __m256 lo[4], hi[4];
-            cvt64(w + row * (k / 2) + j / 2, lo, hi);
+            cvt64(I4ROW(w, row, k, n) + (int64_t)(j / 64) * I4STEP(row, n), lo, hi);
             const __m256 s0 = _mm256_set1_ps(scale[row * groups + j / group]);
             const __m256 s1 = _mm256_set1_ps(scale[row * groups + (j + 32) / group]);
             for (int i = 0; i < mr; i++) {
@@ -190,7 +193,9 @@ static inline __attribute__((always_inline)) void i4q_block(const int8_t *xh, co
             for (int t = 0; t < rows; t++)
                 for (int i = 0; i < mr; i++) ah[t][i] = al[t][i] = _mm256_setzero_si256();
             for (int j = j0; j < j1; j += step) {
-                const uint8_t *wj = w + (int64_t)r * (k / 2) + (j / 64) * 32;
+                const uint8_t *wj[8];
+                for (int t = 0; t < rows; t++)
+                    wj[t] = I4ROW(w, r + t, k, n) + (int64_t)(j / 64) * I4STEP(r + t, n);
                 if (step == 64) {  /* group % 64 == 0: both nibbles of a load in this group */
                     __m256i h0[4], h1[4], l0[4], l1[4];
                     for (int i = 0; i < mr; i++) {
@@ -201,7 +206,7 @@ static inline __attribute__((always_inline)) void i4q_block(const int8_t *xh, co
                         l1[i] = _mm256_loadu_si256((const __m256i *)(li + 32));
                     }
                     for (int t = 0; t < rows; t++) {
-                        const __m256i v = _mm256_loadu_si256((const __m256i *)(wj + (int64_t)t * (k / 2)));
+                        const __m256i v = _mm256_loadu_si256((const __m256i *)wj[t]);
                         const __m256i u0 = _mm256_and_si256(v, mask);
                         const __m256i u1 = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
                         for (int i = 0; i < mr; i++) {
@@ -220,7 +225,7 @@ static inline __attribute__((always_inline)) void i4q_block(const int8_t *xh, co
                 }
                 const int high = (j / 32) & 1;  /* codes j.. in the high nibbles of block j/64 */
                 for (int t = 0; t < rows; t++) {
-                    __m256i v = _mm256_loadu_si256((const __m256i *)(wj + (int64_t)t * (k / 2)));
+                    __m256i v = _mm256_loadu_si256((const __m256i *)wj[t]);
                     const __m256i u = _mm256_and_si256(high ? _mm256_srli_epi16(v, 4) : v, mask);
                     for (int i = 0; i < mr; i++) {
                         ah[t][i] = _mm256_add_epi16(ah[t][i], _mm256_maddubs_epi16(u, hv[i]));
@@ -306,67 +311,14 @@ static int quantize_rows(const float *x, int m, int k, int16_t *q, float *sx) {
     return 1;
 }
 
-/* One block of MR activation rows (from row i): weight rows RB at a time, then the rest singly.
- * X is the activation array (float32 or int16 codes) and XS its per-row extra argument. */
-#define ROWS(BLOCK, MR, RB, ...)                                                              \
-    do {                                                                                      \
-        float *yi = y + (int64_t)i * n;                                                       \
-        int r = n0;                                                                           \
-        for (; r + RB <= n1; r += RB) BLOCK(ROW_ARGS, k, __VA_ARGS__, yi, n, r, RB, MR);      \
-        for (; r < n1; r++) BLOCK(ROW_ARGS, k, __VA_ARGS__, yi, n, r, 1, MR);                 \
-    } while (0)
-
-/* Activation rows in blocks of 4 (R4 weight rows each; R4 = 0: none, as the int4 integer
- * path, whose 16 activation vectors per block of 4 rows spilled), then 2 (R2), then 1 (R1). */
-#define SWEEP(BLOCK, R4, R2, R1, ...)                                                         \
-    do {                                                                                      \
-        int i = 0;                                                                            \
-        for (; R4 && i + 4 <= m; i += 4) ROWS(BLOCK, 4, R4, __VA_ARGS__);                     \
-        for (; i + 2 <= m; i += 2) ROWS(BLOCK, 2, R2, __VA_ARGS__);                           \
-        for (; i < m; i++) ROWS(BLOCK, 1, R1, __VA_ARGS__);                                   \
-    } while (0)
-
-/* Output columns [0, n) split over `threads` OpenMP threads. Built with -fopenmp, the library
- * needs libgomp.so.1, which torch has already loaded: the GEMV runs on torch's own OpenMP
- * threads (still spinning after torch's last op), not on a second pool competing for the same
- * cores. Built without OpenMP, it runs on the calling thread. */
-#define SPLIT(CALL)                                                                           \
-    do {                                                                                      \
-        if (threads <= 1) {  /* no parallel region: entering one costs a few hundred ns */    \
-            const int n0 = 0, n1 = n;                                                         \
-            CALL;                                                                             \
-            break;                                                                            \
-        }                                                                                     \
-        _Pragma("omp parallel num_threads(threads)")                                          \
-        {                                                                                     \
-            int t = 0, nt = 1;                                                                \
-            OMP_IDS(t, nt);                                                                   \
-            const int n0 = (int)((int64_t)n * t / nt), n1 = (int)((int64_t)n * (t + 1) / nt); \
-            CALL;                                                                             \
-        }                                                                                     \
-    } while (0)
-
 #ifdef _OPENMP
-#include <omp.h>
-#define OMP_IDS(t, nt) (t = omp_get_thread_num(), nt = omp_get_num_threads())
 int qw_openmp(void) { return 1; }
 /* which OpenMP runtime the loader bound (tests: it must be the one torch loaded) */
 void *qw_omp_symbol(void) { return (void *)&omp_get_num_threads; }
 #else
-#define OMP_IDS(t, nt) ((void)0)
 int qw_openmp(void) { return 0; }
 void *qw_omp_symbol(void) { return 0; }
 #endif
-
-/* A layer's weights, as kernels/gemv.py builds them once (a ctypes call costs ~0.15 us per
- * argument: a small layer's call is a few microseconds). */
-typedef struct {
-    const void *w;        /* int8 [n, k], or int4 blocked [n, k / 2] */
-    const float *scale;   /* [n] (int8) or [n, k / group] (int4) */
-    const float *urow;    /* int4: [n], 128 sum_g scale_g U_g (i4q_block) */
-    const float *bias;    /* [n] or NULL */
-    int n, k, bits, group;
-} qw_layer;
 
 /* y[m, n] = x[m, k] @ W^T (+ bias), m <= 8, with int16 activations where every row can be
  * rounded (quantize_rows) and `exact` is 0, else with float32 activations (the float blocks). */
@@ -376,14 +328,18 @@ void qw_gemv(const qw_layer *L, const float *x, float *y, int m, int threads, in
     const float *scale = L->scale, *bias = L->bias;
     const float *urow = L->urow;
     float sx[8];
-    /* int16 codes, then (int4) the two byte planes and the group sums */
     /* int4 at 3+ rows: the float path (its blocks of 4 activation rows share each converted
      * weight vector; the integer path with 2-row blocks measured 1.1-1.4x slower at 4-8 rows) */
-    const int integer = !exact && m <= (L->bits == 8 ? 8 : 2) && k % (L->bits == 8 ? 16 : 64) == 0;
-    char *buf = !integer ? NULL : malloc((size_t)m * k * 4 + (size_t)m * groups * 4);
+    const int vnni = L->vnni && (L->bits == 8 ? k % 32 == 0 : group % 64 == 0 && group <= 4096);
+    const int integer = !exact && m <= (L->bits == 8 || vnni ? 8 : 2) &&
+                        k % (L->bits == 8 ? 16 : 64) == 0;
+    /* int16 codes; int4: two byte planes, the group sums (and VNNI: 16 int32 per group sum) */
+    char *buf = !integer ? NULL : malloc((size_t)m * k * 4 + (size_t)m * groups * 4 * (vnni ? 17 : 1));
     int16_t *q = (int16_t *)buf;
     if (buf && quantize_rows(x, m, k, q, sx)) {
-        if (L->bits == 8) {
+        if (L->bits == 8 && vnni) {
+            qw_i8_vnni(L, q, sx, y, m, threads);
+        } else if (L->bits == 8) {
             const int8_t *w = (const int8_t *)L->w;
 #define ROW_ARGS q + (int64_t)i * k, sx + i
             SPLIT(SWEEP(i8q_block, 2, 4, 8, w, scale, bias));
@@ -394,7 +350,9 @@ void qw_gemv(const qw_layer *L, const float *x, float *y, int m, int threads, in
             int32_t *xsum = (int32_t *)(xl + (size_t)m * k);
             split_rows(q, m, k, group, xh, xl, xsum);
 #define ROW_ARGS xh + (int64_t)i * k, xl + (int64_t)i * k, xsum + i * groups, sx + i
-            if (group % 64 == 0)
+            if (vnni)
+                qw_i4_vnni(L, xh, xl, xsum, xsum + m * groups, sx, y, m, threads);
+            else if (group % 64 == 0)
                 SPLIT(SWEEP(i4q_block, 0, 2, 4, w, scale, urow, group, 64, bias));
             else
                 SPLIT(SWEEP(i4q_block, 0, 2, 4, w, scale, urow, group, 32, bias));
