@@ -3,11 +3,13 @@
     python benchmarks/llm_decode.py [--models stdlib-lm,tiny22] [--configs fp32,bf16,w8,w4,w4-gptq]
                                     [--prompt 128] [--new 128] [--repeats 2] [--workdir DIR]
 
-Each row: greedy generation through transformers' KV-cache loop (quantwise.runtime.time_decode)
-of exactly `new` tokens after a `prompt`-token prompt, batch 1, 2 threads; prefill tokens / s =
-prompt / time to the first new token, decode tokens / s = (new - 1) / the time after it; the
-best of `repeats` runs after a warm-up. "fp32" is the transformers model itself (quantwise's
-float baseline), "bf16" the same model cast to bfloat16 by transformers. stdlib-lm: the
+Each row: greedy generation (quantwise.runtime.time_decode) of exactly `new` tokens after a
+`prompt`-token prompt, batch 1, 2 threads; prefill tokens / s = prompt / time to the first new
+token, decode tokens / s = (new - 1) / the time after it; the best of `repeats` runs after a
+warm-up. "transformers fp32" / "transformers bf16": the float model (cast to bfloat16 by
+transformers) in transformers' own generate; "quantwise fp32": the same float model in
+quantwise's lean decoding loop (runtime/decoder.py), the baseline of "x quantwise fp32"; the
+quantwise rows run in that loop too. stdlib-lm: the
 committed, trained model, prompted with held-out standard-library text. tiny22: the
 TinyLlama-1.1B shape with random bf16 weights (formats/synthetic.py, the folder
 benchmarks/scale.py writes), prompted with random tokens; its quantized models come from the
@@ -43,7 +45,7 @@ def _stdlib(config: str, workdir: Path):
     from quantwise.models.stdlib_lm import load_stdlib_lm
 
     model = load_stdlib_lm()
-    if config == "fp32":
+    if config in ("fp32", "fp32-lean"):
         return model
     if config == "bf16-cast":
         return model.to(torch.bfloat16)
@@ -56,9 +58,9 @@ def _tiny(config: str, workdir: Path):
     from scale import folder_for
 
     src = folder_for("tiny22", workdir)
-    if config in ("fp32", "bf16-cast"):
+    if config in ("fp32", "fp32-lean", "bf16-cast"):
         model = load_hf_folder(src)
-        return model if config == "fp32" else model.to(torch.bfloat16)
+        return model if config != "bf16-cast" else model.to(torch.bfloat16)
     out = workdir / f"out-tiny22-{config}"
     if not (out / "quantwise.json").is_file():
         from quantwise.stream import quantize_folder
@@ -126,14 +128,20 @@ def _prompt(model_name: str, n: int) -> torch.Tensor:
 def _name(config: str) -> str:
     if config.startswith("llama.cpp"):
         return config.replace("-", " ")
-    return {"fp32": "transformers fp32", "bf16-cast": "transformers bf16"}.get(config, f"quantwise {config}")
+    return {"fp32": "transformers fp32", "bf16-cast": "transformers bf16",
+            "fp32-lean": "quantwise fp32"}.get(config, f"quantwise {config}")
+
+
+def _engine(config: str) -> str:
+    """transformers' generate for the transformers rows, quantwise's loop for the others."""
+    return "transformers" if config in ("fp32", "bf16-cast") else "quantwise"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="stdlib-lm,tiny22")
-    ap.add_argument("--configs", default="fp32,bf16-cast,bf16,w8,w4,w4-gptq,llama.cpp-Q8_0,"
-                                         "llama.cpp-Q4_0")
+    ap.add_argument("--configs", default="fp32,fp32-lean,bf16-cast,bf16,w8,w4,w4-gptq,"
+                                         "llama.cpp-Q8_0,llama.cpp-Q4_0")
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=2)
@@ -148,13 +156,13 @@ def main() -> None:
 
     print(f"CPU: {cpu_model()} ({isa_label()}); 2 threads; batch 1, prompt {args.prompt}, "
           f"{args.new} new tokens, best of {args.repeats}\n")
-    print("| model | system | prefill tok/s | decode tok/s | decode x fp32 |")
-    print("|---|---|---|---|---|")
+    print("| model | system | prefill tok/s | decode tok/s | x transformers fp32 | x quantwise fp32 |")
+    print("|---|---|---|---|---|---|")
     rows = []
     for model_name in args.models.split(","):
         build = _stdlib if model_name == "stdlib-lm" else _tiny
         ids = _prompt(model_name, args.prompt)
-        base = None
+        base = lean = None
         for config in args.configs.split(","):
             t = time.perf_counter()
             if config.startswith("llama.cpp"):
@@ -171,16 +179,20 @@ def main() -> None:
             else:
                 model = build(config, workdir)
                 built = time.perf_counter() - t
-                time_decode(model, ids[:, :16], 4)  # warm-up: kernels, caches
-                runs = [time_decode(model, ids, args.new) for _ in range(args.repeats)]
+                engine = _engine(config)
+                time_decode(model, ids[:, :16], 4, engine)  # warm-up: kernels, caches
+                runs = [time_decode(model, ids, args.new, engine) for _ in range(args.repeats)]
             prefill, decode = max(r[0] for r in runs), max(r[1] for r in runs)
             base = decode if config == "fp32" else base
+            lean = decode if config == "fp32-lean" else lean
             row = {"model": model_name, "system": _name(config), "prefill_tok_s": round(prefill, 1),
                    "decode_tok_s": round(decode, 2), "build_s": round(built, 1),
-                   "decode_x_fp32": round(decode / base, 2) if base else None}
+                   "decode_x_fp32": round(decode / base, 2) if base else None,
+                   "decode_x_quantwise_fp32": round(decode / lean, 2) if lean else None}
             rows.append(row)
             print(f"| {model_name} | {row['system']} | {row['prefill_tok_s']} | {row['decode_tok_s']} "
-                  f"| {row['decode_x_fp32'] or '-'} |", flush=True)
+                  f"| {row['decode_x_fp32'] or '-'} | {row['decode_x_quantwise_fp32'] or '-'} |",
+                  flush=True)
             del model
             gc.collect()
     if args.json:

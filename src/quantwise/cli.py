@@ -147,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, help="sample from the k most likely tokens")
     g.add_argument("--top-p", type=float, help="sample from the smallest set with this probability")
     g.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    g.add_argument("--engine", choices=("auto", "quantwise", "transformers"), default="auto",
+                   help="the decoding loop: quantwise's lean loop for Llama-family models "
+                        "(auto: where it can run the model) or transformers' generate")
     g.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     t = sub.add_parser(
         "qat", help="quantization-aware fine-tuning of a built-in model (resumable), then convert",
@@ -293,7 +296,8 @@ def main(argv: list[str] | None = None) -> int:
 
                 model, tokenizer = load_generator(args.model)
                 report = generate(model, tokenizer, args.prompt, args.max_new_tokens,
-                                  args.temperature, args.top_k, args.top_p, args.seed)
+                                  args.temperature, args.top_k, args.top_p, args.seed,
+                                  engine=args.engine)
             elif args.command == "benchmark":
                 report = run_benchmark_job(args.folder, args.data, args.model, log=log)
             elif args.stream:
@@ -327,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(report.to_dict(), indent=2) if args.json else
               f"{report.prompt}{report.text}\n\n{report.new_tokens} new tokens; prefill "
               f"{report.prompt_tokens} tokens in {report.prefill_s * 1e3:.1f} ms, decode "
-              + (f"{rate:.1f} tokens/s" if rate else "-"))
+              + (f"{rate:.1f} tokens/s" if rate else "-") + f" (decoding loop: {report.engine})")
         return 0
     if args.command == "analyze":
         print(report.to_json() if args.json else report)

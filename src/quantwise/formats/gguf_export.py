@@ -19,15 +19,17 @@ map); q_proj / k_proj rows are permuted per head from Hugging Face's rotate-half
 llama.cpp's interleaved one (`permute_qk`; `unpermute_qk` undoes it). A row permutation keeps
 whole rows, so blocks of 32 along a row and their codes are unchanged by it.
 
-Tokenizer: a byte-level vocabulary (stdlib-lm's: ids 0..255 the bytes, then BOS/EOS/PAD; see
-`byte_vocab`) is written as llama.cpp's SentencePiece model ("llama") made of byte pieces:
-ids 0..255 are the BYTE pieces "<0x00>".."<0xFF>" (what SPM's byte fallback emits for every byte
-with no piece of its own: every byte then maps to its own id, invalid UTF-8 included), except
-id 32, the piece "\u2581" (SPM writes spaces as U+2581 before looking pieces up, so the space
-byte needs that piece), with add_space_prefix off. The one inexact case: a literal U+2581 in a
-text becomes id 32 too (SPM cannot tell it from a space). Byte-level BPE ("gpt2") would be exact
-but needs a merges list: llama.cpp refuses a file without one and gguf refuses to write an empty
-one, and any real merge would add a token the 259-row embedding does not have.
+Tokenizer (formats/gguf_vocab.py): quantwise's byte-level vocabulary (stdlib-lm's: ids 0..255
+the bytes, then BOS/EOS/PAD) is written as llama.cpp's SentencePiece model ("llama") made of
+byte pieces: ids 0..255 are the BYTE pieces "<0x00>".."<0xFF>" (what SPM's byte fallback emits
+for every byte with no piece of its own: every byte then maps to its own id, invalid UTF-8
+included), except id 32, the piece "\u2581" (SPM writes spaces as U+2581 before looking pieces
+up, so the space byte needs that piece), with add_space_prefix off. The one inexact case: a
+literal U+2581 in a text becomes id 32 too (SPM cannot tell it from a space). Byte-level BPE
+("gpt2") would be exact but needs a merges list: llama.cpp refuses a file without one and gguf
+refuses to write an empty one, and any real merge would add a token the 259-row embedding does
+not have. Hugging Face tokenizers: a SentencePiece tokenizer.model or a GPT-2-style byte-level
+BPE tokenizer.json, through the gguf package's own vocabulary classes.
 The file is written to a temporary sibling and renamed: never half a file, the input untouched.
 """
 
@@ -45,6 +47,7 @@ import torch
 
 from quantwise.fileio import current_umask
 from quantwise.errors import CheckpointError, ExportError, ModelLoadError, OutputPathError
+from quantwise.formats.gguf_vocab import read_vocab, write_vocab
 from quantwise.formats.metadata import read_quantwise_json
 from quantwise.numerics import dequantize, unpack_int4
 from quantwise.spec import Format, PerChannel, PerGroup, PerTensor, QuantSpec
@@ -52,7 +55,6 @@ from quantwise.spec import Format, PerChannel, PerGroup, PerTensor, QuantSpec
 QTYPES = ("Q8_0", "Q4_0")
 ARCHITECTURES = ("LlamaForCausalLM",)
 BLOCK = 32
-SPACE_PIECE = "\u2581"
 _PACKED = (Format.INT4, Format.UINT4)
 
 
@@ -188,35 +190,6 @@ def _pack_blocks(codes: np.ndarray, scales: np.ndarray, qtype: str) -> np.ndarra
     return np.concatenate([d.reshape(rows, nb, 2), qs], axis=-1).reshape(rows, -1)
 
 
-# -- tokenizer ---------------------------------------------------------------------------------
-def byte_vocab(config: dict[str, Any], tokenizer: dict[str, Any] | None) -> dict[str, Any]:
-    """The byte-level vocabulary as SPM pieces: tokens, scores, types and special ids."""
-    gguf = _gguf()
-    vocab = int(config["vocab_size"])
-    if tokenizer is None:
-        raise ExportError("the checkpoint has no tokenizer.json: GGUF export needs the byte-level "
-                          "tokenizer description (type 'bytes', as stdlib-lm's) next to config.json")
-    tok = tokenizer
-    if tok.get("type") != "bytes":
-        raise ExportError(f"tokenizer type {tok.get('type')!r}: GGUF export supports the byte-level "
-                          "tokenizer (type 'bytes': ids 0..255 are the bytes) only")
-    if vocab < 256:
-        raise ExportError(f"vocab_size {vocab} < 256: not a byte-level vocabulary")
-    special = {"bos": tok.get("bos_token_id", config.get("bos_token_id")),
-               "eos": tok.get("eos_token_id", config.get("eos_token_id")),
-               "pad": tok.get("pad_token_id", config.get("pad_token_id"))}
-    tokens, types = [], []
-    for i in range(256):
-        tokens.append(SPACE_PIECE if i == 0x20 else f"<0x{i:02X}>")
-        types.append(gguf.TokenType.NORMAL if i == 0x20 else gguf.TokenType.BYTE)
-    names = {v: k for k, v in special.items() if isinstance(v, int)}
-    for i in range(256, vocab):
-        tokens.append(f"<{names[i]}>" if i in names else f"<extra_{i}>")
-        types.append(gguf.TokenType.CONTROL if i in names else gguf.TokenType.UNUSED)
-    return {"tokens": tokens, "scores": [0.0] * vocab, "types": [int(t) for t in types],
-            **{k: v for k, v in special.items() if isinstance(v, int) and 0 <= v < vocab}}
-
-
 # -- export ------------------------------------------------------------------------------------
 def export_gguf(folder: str | os.PathLike, out: str | os.PathLike, qtype: str = "Q8_0",
                 overwrite: bool = False, *, keep_codes: bool = True) -> dict[str, Any]:
@@ -249,9 +222,7 @@ def export_gguf(folder: str | os.PathLike, out: str | os.PathLike, qtype: str = 
     if out.resolve().is_relative_to(folder.resolve()):
         raise OutputPathError(f"{out} is inside the input checkpoint {folder}: write it elsewhere")
 
-    tok_path = next((p / "tokenizer.json" for p in (folder, config_dir) if p and (p / "tokenizer.json").is_file()), None)
-    tokenizer = json.loads(tok_path.read_text()) if tok_path else None
-    vocab = byte_vocab(config, tokenizer)
+    vocab = read_vocab(config, [folder, config_dir])
 
     layers = meta["layers"]
     tensors = _read_tensors(folder)
@@ -303,18 +274,7 @@ def export_gguf(folder: str | os.PathLike, out: str | os.PathLike, qtype: str = 
         writer.add_vocab_size(int(config["vocab_size"]))
         writer.add_file_type(int(file_type))
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        writer.add_tokenizer_model("llama")
-        writer.add_tokenizer_pre("default")
-        writer.add_token_list(vocab["tokens"])
-        writer.add_token_scores(vocab["scores"])
-        writer.add_token_types(vocab["types"])
-        for key, add in (("bos", writer.add_bos_token_id), ("eos", writer.add_eos_token_id),
-                         ("pad", writer.add_pad_token_id)):
-            if key in vocab:
-                add(vocab[key])
-        writer.add_add_bos_token(True)  # each text starts with BOS in stdlib-lm's stream
-        writer.add_add_eos_token(False)
-        writer.add_add_space_prefix(False)
+        write_vocab(writer, vocab)
         writer.add_string("quantwise.weight_specs", json.dumps(
             sorted({json.dumps(l["weight_spec"], sort_keys=True) for l in layers.values()})))
 
@@ -339,7 +299,7 @@ def export_gguf(folder: str | os.PathLike, out: str | os.PathLike, qtype: str = 
         tmp.unlink(missing_ok=True)
         raise
     report["bytes"] = out.stat().st_size
-    report["tokenizer"] = {"model": "llama", "pieces": "<0xNN> byte pieces, U+2581 for the space byte",
+    report["tokenizer"] = {"model": vocab["model"], "pre": vocab["pre"], "pieces": vocab["source"],
                            "vocab_size": len(vocab["tokens"])}
     return report
 

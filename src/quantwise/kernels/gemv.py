@@ -49,7 +49,8 @@ from quantwise.kernels.base import tensor_bytes
 from quantwise.kernels.probe import _cpuinfo, cache_dir
 
 _CSRC = Path(__file__).parent / "csrc"
-_SOURCES = (_CSRC / "gemv.c", _CSRC / "gemv_vnni.c")  # gemv.h: included by both
+# gemv.h: included by both GEMV files; decode.c: the float glue of runtime/decoder.py's loop
+_SOURCES = (_CSRC / "gemv.c", _CSRC / "gemv_vnni.c", _CSRC / "decode.c")
 MAX_ROWS = 8
 _F, _I = ctypes.c_void_p, ctypes.c_int
 
@@ -92,9 +93,9 @@ def library() -> tuple[Optional[ctypes.CDLL], str]:
             base = [cc, "-O3", "-shared", "-fPIC", "-Wno-unknown-pragmas", "-o", tmp,
                     *map(str, _SOURCES)]
             try:  # OpenMP: the GEMV then runs on torch's own (already loaded) OpenMP threads
-                subprocess.run(base + ["-fopenmp"], check=True, capture_output=True, timeout=120)
+                subprocess.run(base + ["-fopenmp", "-lm"], check=True, capture_output=True, timeout=120)
             except subprocess.CalledProcessError:  # no libgomp to link: one thread per call
-                subprocess.run(base, check=True, capture_output=True, timeout=120)
+                subprocess.run(base + ["-lm"], check=True, capture_output=True, timeout=120)
             os.replace(tmp, out)  # atomic: a concurrent build never loads half a file
         except (OSError, subprocess.SubprocessError) as exc:
             return None, f"could not build the GEMV ({type(exc).__name__}: {str(exc)[:120]})"
@@ -191,6 +192,38 @@ class WeightOnlyGemv:
 
     def nbytes(self) -> int:
         return tensor_bytes(self.codes, self.scale, getattr(self, "urow", None), self.bias)
+
+
+def fuse_rows(parts: list[WeightOnlyGemv]) -> Optional[WeightOnlyGemv]:
+    """One GEMV over the output rows of `parts` (Linears of one input: q / k / v, gate / up),
+    whose buffers the parts then view, so a decoding step makes one call where it made
+    len(parts) and no weight is stored twice. None unless the parts share bits, group and
+    input width (and, int4, all but the last fill whole tiles of rows)."""
+    first = parts[0]
+    if len(parts) < 2 or any((p.bits, p.group, p.in_features) != (first.bits, first.group,
+                                                                   first.in_features) for p in parts):
+        return None
+    if first.bits == 4 and any(p.out_features % TILE for p in parts[:-1]):
+        return None
+    fused = WeightOnlyGemv.__new__(WeightOnlyGemv)
+    fused.lib, fused.bits, fused.group = first.lib, first.bits, first.group
+    fused.in_features = first.in_features
+    fused.out_features = sum(p.out_features for p in parts)
+    names = ["codes", "scale"] + (["urow"] if first.bits == 4 else [])
+    for name in names:
+        setattr(fused, name, torch.cat([getattr(p, name) for p in parts]))
+    has_bias = any(p.bias is not None for p in parts)
+    fused.bias = torch.cat([p.bias if p.bias is not None else torch.zeros(p.out_features)
+                            for p in parts]) if has_bias else None
+    start = 0
+    for p in parts:  # the parts view the fused buffers (a zero bias adds exactly nothing)
+        rows = slice(start, start + p.out_features)
+        for name in names + (["bias"] if has_bias else []):
+            setattr(p, name, getattr(fused, name)[rows])
+        p.__dict__.pop("_ptr", None)
+        p.__dict__.pop("_struct", None)
+        start += p.out_features
+    return fused
 
 
 class FewRowsLinear:

@@ -115,12 +115,14 @@ def _auto_model(path: Path, sentence: bool = False) -> nn.Module:
     hf_logging.disable_progress_bar()
     try:
         # use_safetensors=True makes transformers refuse .bin even if our check missed one;
-        # eager attention keeps the attention as plain matmul + additive mask + softmax.
+        # eager attention keeps the attention as plain matmul + additive mask + softmax;
+        # float32: the baseline every figure is measured against (transformers 5 would keep a
+        # bf16 folder's dtype, so its "fp32" model ran in bf16).
         cls = AutoModel if sentence else model_class(AutoConfig.from_pretrained(
             str(path), local_files_only=True))
         model = cls.from_pretrained(
-            str(path), local_files_only=True, use_safetensors=True, attn_implementation="eager"
-        )
+            str(path), local_files_only=True, use_safetensors=True, attn_implementation="eager",
+            dtype=torch.float32)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelLoadError(f"cannot load Hugging Face model from {path}: {exc}") from exc
     finally:

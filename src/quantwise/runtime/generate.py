@@ -1,6 +1,8 @@
-"""Text generation with a causal LM, float or quantized: transformers' own generation loop
-(KV cache, greedy or sampled) runs quantwise's modules as they are, so this adds only the
-tokenizer of the folder, the sampling settings, and the timing of prefill and decode.
+"""Text generation with a causal LM, float or quantized, greedy or sampled, with a KV cache.
+Llama-family models (runtime/decoder.py's list) run on quantwise's lean loop, whose tokens are
+transformers' (greedy: the same argmax; sampled: its temperature / top-k / top-p warpers in
+its order and one torch.multinomial draw per token, so a seed gives the same text); any other
+causal LM, or engine="transformers", runs transformers' own generate. The result names the loop.
 
 Prefill is the forward over the prompt up to the first new token; decode is every token after
 it (tokens per second over those), both taken from the generation's own streamer callbacks.
@@ -29,6 +31,7 @@ class Generation:
     prefill_s: float          # prompt forward through the first new token
     decode_s: float           # the tokens after the first
     sampled: bool
+    engine: str = "transformers"  # the loop that ran: "quantwise" (lean) or "transformers"
 
     @property
     def decode_tokens_per_s(self) -> float | None:
@@ -87,10 +90,14 @@ def _encode(tokenizer: Any, prompt: str) -> dict[str, torch.Tensor]:
 
 def generate(model: nn.Module, tokenizer: Any, prompt: str, max_new_tokens: int = 64,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-             seed: int = 0) -> Generation:
+             seed: int = 0, engine: str = "auto") -> Generation:
     """Continue `prompt` with `model` (a transformers causal LM, float or quantized).
     temperature 0: greedy; above 0: sampled (top_k / top_p if given) from torch's generator
-    seeded with `seed`, so a run repeats exactly."""
+    seeded with `seed`, so a run repeats exactly. engine: "auto" (the lean loop where it can
+    run the model, else transformers'), "quantwise" (the lean loop or ConfigError saying why
+    not) or "transformers"."""
+    if engine not in ENGINES:
+        raise ConfigError(f"engine {engine!r}: choose one of {', '.join(ENGINES)}")
     if not hasattr(model, "generate") or not hasattr(model, "generation_config"):
         raise ConfigError(f"{type(model).__name__} is not a causal LM that can generate "
                           "(a transformers ...ForCausalLM model)")
@@ -112,31 +119,112 @@ def generate(model: nn.Module, tokenizer: Any, prompt: str, max_new_tokens: int 
         if value is not None:
             settings[name] = value
     torch.manual_seed(seed)
-    new, prefill_s, decode_s = _timed(model, inputs, settings)
+    new, prefill_s, decode_s, used = _timed(model, inputs, settings, engine)
     text = tokenizer.decode(new, skip_special_tokens=True) if hasattr(tokenizer, "model_input_names") \
         else tokenizer.decode(new)
     return Generation(prompt, text, int(inputs["input_ids"].shape[1]), int(new.numel()),
-                      prefill_s, decode_s, sampled)
+                      prefill_s, decode_s, sampled, used)
 
 
-def _timed(model: nn.Module, inputs: dict[str, torch.Tensor], settings: dict[str, Any]
-           ) -> tuple[torch.Tensor, float, float]:
-    """(new token ids, prefill seconds, decode seconds) of one generate() call."""
+ENGINES = ("auto", "quantwise", "transformers")
+# generation-config settings the lean loop does not apply: any of them set sends the model to
+# transformers' generate (engine "auto") rather than giving other tokens
+_OTHER_PROCESSORS = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "bad_words_ids": None,
+                     "forced_bos_token_id": None, "forced_eos_token_id": None, "min_p": None,
+                     "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0,
+                     "encoder_repetition_penalty": 1.0, "suppress_tokens": None,
+                     "begin_suppress_tokens": None, "sequence_bias": None, "num_beams": 1}
+
+
+def _lean(model: nn.Module, inputs: dict[str, torch.Tensor], settings: dict[str, Any]):
+    """(the lean decoder for this call, "") or (None, why not)."""
+    from quantwise.runtime.decoder import LeanDecoder
+
+    ids = inputs["input_ids"]
+    mask = inputs.get("attention_mask")
+    if ids.shape[0] != 1 or (mask is not None and not bool(mask.all())):
+        return None, "a batch of several sequences or a padded prompt"
+    gen = getattr(model, "generation_config", None)
+    for name, default in _OTHER_PROCESSORS.items():
+        value = getattr(gen, name, default)
+        if value not in (default, None):
+            return None, f"generation setting {name}={value!r}"
+    return LeanDecoder.of(model, ids.shape[1] + settings["max_new_tokens"])
+
+
+def _pick(logits: torch.Tensor, settings: dict[str, Any], suppress: list[int]) -> int:
+    """The next token: argmax, or one draw after transformers' warpers (in their order)."""
+    if suppress:  # min_new_tokens: end-of-sequence not yet allowed (MinNewTokensLength...)
+        logits = logits.clone()
+        logits[suppress] = float("-inf")
+    if not settings.get("do_sample"):
+        return int(logits.argmax())
+    scores = logits.unsqueeze(0)
+    temperature, top_k, top_p = (settings.get(k) for k in ("temperature", "top_k", "top_p"))
+    if temperature is not None and temperature != 1.0:
+        scores = scores / temperature
+    if top_k:
+        kth = torch.topk(scores, min(top_k, scores.shape[-1]))[0][..., -1, None]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        ordered, order = torch.sort(scores, descending=False)
+        drop = ordered.softmax(dim=-1).cumsum(dim=-1) <= (1 - top_p)
+        drop[..., -1:] = False
+        scores = scores.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    return int(torch.multinomial(scores.softmax(dim=-1), num_samples=1)[0, 0])
+
+
+def _eos_ids(model: nn.Module, settings: dict[str, Any]) -> list[int]:
+    eos = settings.get("eos_token_id", getattr(getattr(model, "generation_config", None),
+                                               "eos_token_id", None))
+    return [] if eos is None else [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+
+
+def _timed_lean(decoder, model: nn.Module, ids: torch.Tensor, settings: dict[str, Any]
+                ) -> tuple[torch.Tensor, float, float]:
+    new_max, new_min = settings["max_new_tokens"], settings.get("min_new_tokens") or 0
+    eos = _eos_ids(model, settings)
+    start = time.perf_counter()
+    decoder.reset(ids.shape[1] + new_max)
+    logits = decoder.forward(ids[0])
+    new: list[int] = []
+    first = None
+    while True:
+        token = _pick(logits, settings, eos if len(new) < new_min else [])
+        new.append(token)
+        first = first or time.perf_counter()
+        if len(new) >= new_max or token in eos:
+            break
+        logits = decoder.forward(torch.tensor([token]))
+    return torch.tensor(new), first - start, time.perf_counter() - first
+
+
+def _timed(model: nn.Module, inputs: dict[str, torch.Tensor], settings: dict[str, Any],
+           engine: str = "auto") -> tuple[torch.Tensor, float, float, str]:
+    """(new token ids, prefill seconds, decode seconds, engine used) of one generation."""
+    if engine != "transformers":
+        decoder, why = _lean(model, inputs, settings)
+        if decoder is not None:
+            return (*_timed_lean(decoder, model, inputs["input_ids"], settings), "quantwise")
+        if engine == "quantwise":
+            raise ConfigError(f"quantwise's lean decoding loop cannot run this model: {why}; "
+                              "use engine 'transformers' (or 'auto')")
     clock = _Clock()
     start = time.perf_counter()
     with torch.no_grad():
         out = model.generate(**inputs, streamer=clock, **settings)
     first = clock.times[1] if len(clock.times) > 1 else time.perf_counter()
     last = clock.times[-1] if len(clock.times) > 1 else first
-    return out[0, inputs["input_ids"].shape[1]:], first - start, last - first
+    return out[0, inputs["input_ids"].shape[1]:], first - start, last - first, "transformers"
 
 
-def time_decode(model: nn.Module, input_ids: torch.Tensor, new_tokens: int) -> tuple[float, float]:
+def time_decode(model: nn.Module, input_ids: torch.Tensor, new_tokens: int,
+                engine: str = "auto") -> tuple[float, float]:
     """(prefill tokens / s, decode tokens / s) of greedy generation of exactly `new_tokens`
     after the [1, T] prompt `input_ids` (end-of-sequence ignored): the benchmarks' measure."""
-    new, prefill_s, decode_s = _timed(model, {"input_ids": input_ids}, {
+    new, prefill_s, decode_s, _ = _timed(model, {"input_ids": input_ids}, {
         "do_sample": False, "max_new_tokens": new_tokens, "min_new_tokens": new_tokens,
-        "temperature": None, "top_k": None, "top_p": None, "pad_token_id": 0})
+        "temperature": None, "top_k": None, "top_p": None, "pad_token_id": 0}, engine)
     if new.numel() != new_tokens:
         raise RuntimeError(f"generated {new.numel()} tokens, not {new_tokens}")
     return input_ids.shape[1] / prefill_s, (new_tokens - 1) / decode_s

@@ -333,8 +333,8 @@ void qw_gemv(const qw_layer *L, const float *x, float *y, int m, int threads, in
     const int vnni = L->vnni && (L->bits == 8 ? k % 32 == 0 : group % 64 == 0 && group <= 4096);
     const int integer = !exact && m <= (L->bits == 8 || vnni ? 8 : 2) &&
                         k % (L->bits == 8 ? 16 : 64) == 0;
-    /* int16 codes; int4: two byte planes, the group sums (and VNNI: 16 int32 per group sum) */
-    char *buf = !integer ? NULL : malloc((size_t)m * k * 4 + (size_t)m * groups * 4 * (vnni ? 17 : 1));
+    /* int16 codes; int4: two byte planes, the group sums (and VNNI: -8 x the sums) */
+    char *buf = !integer ? NULL : malloc((size_t)m * k * 4 + (size_t)m * groups * 4 * (vnni ? 2 : 1));
     int16_t *q = (int16_t *)buf;
     if (buf && quantize_rows(x, m, k, q, sx)) {
         if (L->bits == 8 && vnni) {

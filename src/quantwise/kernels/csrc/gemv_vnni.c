@@ -60,8 +60,8 @@ VNNI INLINE void i8v_block(const int16_t *x, const float *sx, int k, const int8_
         }
 }
 
-/* int4 codes blocked [N, K/2] (kernels/gemv.py blocked_int4), group % 64 == 0; fix + 16 (i x
- * groups + g): 16 int32, -8 X_g of activation row i in the first (zeros after) */
+/* int4 codes blocked [N, K/2] (kernels/gemv.py blocked_int4), group % 64 == 0; fix[i x groups
+ * + g]: -8 X_g of activation row i */
 VNNI INLINE void i4v_block(const int8_t *xh, const int8_t *xl, const int32_t *fix,
                            const float *sx, int k, const uint8_t *w, const float *scale,
                            const float *urow, int group, const float *bias, float *y, int n,
@@ -81,7 +81,7 @@ VNNI INLINE void i4v_block(const int8_t *xh, const int8_t *xl, const int32_t *fi
         for (int t = 0; t < rows; t++)
             for (int i = 0; i < mr; i++) {
                 ah[t][i] = _mm512_setzero_si512();
-                al[t][i] = _mm512_loadu_si512((const void *)(fix + 16 * (i * groups + g)));
+                al[t][i] = _mm512_zextsi128_si512(_mm_cvtsi32_si128(fix[i * groups + g]));
             }
         for (int j = g * group; j < (g + 1) * group; j += 64) {
             __m512i hv[2], lv[2];
@@ -128,11 +128,8 @@ VNNI void qw_i4_vnni(const qw_layer *L, const int8_t *xh, const int8_t *xl, cons
     const int n = L->n, k = L->k, group = L->group, groups = k / group;
     const uint8_t *w = (const uint8_t *)L->w;
     const float *scale = L->scale, *urow = L->urow, *bias = L->bias;
-    for (int i = 0; i < m * groups; i++) {  /* lane 0 of each group's l accumulator: -8 X */
-        for (int l = 1; l < 16; l++) fix[16 * i + l] = 0;
-        fix[16 * i] = -8 * xsum[i];
-    }
-#define ROW_ARGS xh + (int64_t)i * k, xl + (int64_t)i * k, fix + 16 * i * groups, sx + i
+    for (int i = 0; i < m * groups; i++) fix[i] = -8 * xsum[i];  /* lane 0 of each group's l sum */
+#define ROW_ARGS xh + (int64_t)i * k, xl + (int64_t)i * k, fix + i * groups, sx + i
     SPLIT(SWEEP(i4v_block, 0, 4, 4, w, scale, urow, group, bias));
 #undef ROW_ARGS
 }
