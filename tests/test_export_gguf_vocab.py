@@ -97,3 +97,45 @@ def test_tokenizers_llama_cpp_would_read_otherwise_are_refused(bpe_checkpoint, t
     with pytest.raises(ExportError, match="byte fallback.*tokenizer.model"):
         export_gguf(bad, tmp_path / "x.gguf")
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_sentencepiece_model_pieces_scores_and_tokenization_survive(tmp_path):
+    spm = pytest.importorskip("sentencepiece")
+    src = tmp_path / "float"
+    src.mkdir()
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(_stdlib_lines(3000)), encoding="utf-8")
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(src / "tokenizer"),
+                                   vocab_size=400, model_type="bpe", byte_fallback=True,
+                                   character_coverage=1.0, bos_id=1, eos_id=2, unk_id=0,
+                                   # as Llama's: llama.cpp applies no SentencePiece normalizer
+                                   normalization_rule_name="identity",
+                                   remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
+                                   split_digits=True)
+    sp = spm.SentencePieceProcessor(model_file=str(src / "tokenizer.model"))
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=sp.get_piece_size(), hidden_size=128, intermediate_size=256,
+        num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4,
+        max_position_embeddings=128, bos_token_id=1, eos_token_id=2)
+    transformers.LlamaForCausalLM(config).save_pretrained(src)
+    from quantwise.models.registry import load_model
+    model = load_model(str(src))[0]
+    calib = [{"input_ids": torch.tensor([sp.encode(line)[:32]])} for line in _stdlib_lines(40)
+             if len(sp.encode(line)) >= 8][:4]
+    quantwise.save(quantwise.quantize(model, "w8", calib, progress=False, source=str(src)),
+                   tmp_path / "w8")
+    out = tmp_path / "spm.gguf"
+    info = export_gguf(tmp_path / "w8", out, qtype="Q8_0")
+    assert info["tokenizer"]["model"] == "llama"
+    reader = gguf.GGUFReader(out)
+    tokens = reader.fields["tokenizer.ggml.tokens"].contents()
+    scores = reader.fields["tokenizer.ggml.scores"].contents()
+    assert tokens == [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
+    assert scores == pytest.approx([sp.get_score(i) for i in range(sp.get_piece_size())])
+    try:
+        import llama_cpp
+    except ImportError:
+        return
+    llm = llama_cpp.Llama(str(out), vocab_only=True, verbose=False)
+    assert llm.tokenize(TEXT.encode(), add_bos=False) == sp.encode(TEXT)

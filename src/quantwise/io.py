@@ -27,7 +27,7 @@ from torch import nn
 from quantwise._version import __version__
 from quantwise.config import Config
 from quantwise.errors import CheckpointError, OutputPathError
-from quantwise.fileio import atomic_write_text, current_umask, swap_in
+from quantwise.fileio import atomic_write_bytes, atomic_write_text, current_umask, swap_in
 from quantwise.fold import fold_conv_bn
 from quantwise.formats.metadata import FORMAT_VERSION, META_FILE, read_quantwise_json
 from quantwise.formats.shards import INDEX, ShardedCheckpoint, write_shards
@@ -129,11 +129,12 @@ def _copy_hf_files(state: QuantState, staging: Path) -> None:
     for path in hf_files(source):
         target = staging / path.relative_to(source)
         target.parent.mkdir(parents=True, exist_ok=True)
-        text = path.read_text()
         if path.name == "config.json" and path.parent == source:
-            text = with_quantization_config(text, {"quantwise_version": __version__,
-                                                   "config": state.config.to_dict()})
-        atomic_write_text(target, text)
+            text = with_quantization_config(path.read_text(), {"quantwise_version": __version__,
+                                                               "config": state.config.to_dict()})
+            atomic_write_text(target, text)
+        else:  # bytes: a SentencePiece tokenizer.model is binary
+            atomic_write_bytes(target, path.read_bytes())
 
 
 def _metadata(model: nn.Module, state: QuantState) -> dict[str, Any]:

@@ -7,7 +7,9 @@ Supported, each exact by construction:
   are the bytes, written as SentencePiece byte pieces <0xNN> (U+2581 for the space byte);
 - a SentencePiece model (tokenizer.model: Llama 1 / 2, TinyLlama, Mistral), through
   gguf.vocab.SentencePieceVocab: its pieces, scores and types as sentencepiece gives them
-  (needs the sentencepiece package);
+  (needs the sentencepiece package). llama.cpp applies no SentencePiece normalizer: a model
+  trained as Llama's (identity normalization, extra whitespace kept) tokenizes the same, one
+  trained with sentencepiece's defaults (NFKC, whitespace runs collapsed) does not;
 - a GPT-2-style byte-level BPE (tokenizer.json: model BPE, ByteLevel pre-tokenizer with the
   GPT-2 regex and decoder), through gguf.vocab.BpeVocab with its merges: llama.cpp's "gpt-2"
   pre-tokenizer splits text as that regex does.
