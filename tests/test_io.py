@@ -105,7 +105,7 @@ def test_interrupted_write_keeps_previous_output(tmp_path, qdigits, monkeypatch)
         raise OSError("disk full")
 
     monkeypatch.setattr("quantwise.io.atomic_write_text", boom)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(OutputPathError, match="disk full.*previous content is unchanged"):
         quantwise.save(qmodel, out, overwrite=True)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]
@@ -116,7 +116,7 @@ def test_truncated_and_foreign_files_rejected(tmp_path, qdigits):
     folder = quantwise.save(qmodel, tmp_path / "q")
     weights = folder / WEIGHTS_FILE
     weights.write_bytes(weights.read_bytes()[:100])
-    with pytest.raises(CheckpointError, match="truncated or not a valid safetensors"):
+    with pytest.raises(CheckpointError, match="truncated"):
         quantwise.load(folder, model=model)
     weights.write_bytes(os.urandom(4096))
     with pytest.raises(CheckpointError, match="safetensors"):

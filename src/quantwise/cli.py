@@ -83,6 +83,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib", help="calibration data: built-in name (digits, stdlib-text), a text file, "
                                    "or a folder of .npy/.safetensors (default: the model's own)")
     p.add_argument("--method", choices=CALIBRATORS, help="activation calibrator for every layer")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="load a Hugging Face folder's pickle weights (pytorch_model.bin): unpickling "
+                        "can run code, so only for files you trust (refused by default)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -207,6 +210,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compressed-tensors / gguf: skip reading the export back with transformers")
     e.add_argument("--overwrite", action="store_true", help="replace an existing .onnx file")
     e.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    i = sub.add_parser(
+        "inspect", help="check an ONNX file and report which ops ONNX Runtime runs as integer kernels",
+        description="Check FILE (not empty or truncated, external data only beside it), let ONNX "
+                    "Runtime optimize it as a CPU session would, and count the convs and matmuls "
+                    "it runs as integer kernels.")
+    i.add_argument("file", help="an .onnx file (written by quantwise export or any other tool)")
+    i.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     return parser
 
 
@@ -273,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.command == "analyze":
                 report = run_analyze_job(args.model, args.config, args.calib, args.method,
                                          args.batches, args.top_k,
-                                         progress=not (args.quiet or args.json), log=log)
+                                         progress=not (args.quiet or args.json), log=log,
+                                         allow_pickle=args.allow_pickle)
             elif args.command == "qat":
                 from quantwise.qatjob import run_qat_job
 
@@ -300,6 +311,12 @@ def main(argv: list[str] | None = None) -> int:
                                   engine=args.engine)
             elif args.command == "benchmark":
                 report = run_benchmark_job(args.folder, args.data, args.model, log=log)
+            elif args.command == "inspect":
+                from quantwise.export.check import fusion_report
+                from quantwise.export.onnx_file import open_onnx
+
+                open_onnx(args.file)  # refused before ONNX Runtime reads a byte of it
+                report = fusion_report(args.file)
             elif args.stream:
                 from quantwise.stream.job import run_stream_job
 
@@ -311,7 +328,8 @@ def main(argv: list[str] | None = None) -> int:
                     args.model, args.config, args.calib, args.method, args.out, args.overwrite,
                     progress=not (args.quiet or args.json), log=log,
                     max_drop=_max_drop(args.max_drop), objective=args.objective,
-                    formats=tuple(f.strip() for f in args.formats.split(",")) if args.formats else None)
+                    formats=tuple(f.strip() for f in args.formats.split(",")) if args.formats else None,
+                    allow_pickle=args.allow_pickle)
         notes = sorted({str(w.message) for w in caught if issubclass(w.category, QuantwiseWarning)})
     except QuantwiseError as exc:
         print(f"quantwise: error: {exc}", file=sys.stderr)
@@ -332,6 +350,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{report.prompt}{report.text}\n\n{report.new_tokens} new tokens; prefill "
               f"{report.prompt_tokens} tokens in {report.prefill_s * 1e3:.1f} ms, decode "
               + (f"{rate:.1f} tokens/s" if rate else "-") + f" (decoding loop: {report.engine})")
+        return 0
+    if args.command == "inspect":
+        print(json.dumps(report.to_dict(), indent=2) if args.json else report.line())
         return 0
     if args.command == "analyze":
         print(report.to_json() if args.json else report)

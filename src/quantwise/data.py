@@ -40,6 +40,10 @@ def run_model(model: torch.nn.Module, sample: Any) -> Any:
 BUILTIN_DATA = ("digits", "stdlib-text", "stdlib-code")
 STDLIB_CODE_CALIB_WINDOWS = 128  # windows of 256 byte tokens from the calib files
 TENSOR_SUFFIXES = (".npy", ".safetensors")
+PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".ckpt")  # loaded only with allow_pickle
+PICKLE_HINT = ("refused by default because unpickling can run arbitrary code: save the tensors as "
+               ".npy or .safetensors, or pass --allow-pickle (Python: allow_pickle=True) if you "
+               "trust the file")
 
 # Fixed, sorted list: the corpus must not depend on what happens to be imported already.
 CORPUS_MODULES = sorted([
@@ -161,8 +165,39 @@ def _read_text(path: Path) -> list[str]:
     return samples
 
 
+def _load_pickle(path: Path) -> ModelInput:
+    """A .pt file the user allowed: torch's weights_only loader (tensors and containers only)."""
+    try:
+        value = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - UnpicklingError, EOFError, RuntimeError: one answer
+        first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise DataLoadError(f"cannot read {path} with torch's weights_only loader ({first}); save "
+                            "the tensors as .npy or .safetensors") from None
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, Tensor) for v in value):
+        value = tuple(value)
+    elif isinstance(value, dict) and value and all(isinstance(k, str) and isinstance(v, Tensor)
+                                                   for k, v in value.items()):
+        value = {k: value[k] for k in sorted(value)}
+    elif not isinstance(value, Tensor):
+        raise DataLoadError(f"{path} holds a {type(value).__name__}, not a tensor, a tuple of "
+                            "tensors or a dict of named tensors")
+    return value
+
+
+def _is_pickle(path: Path) -> bool:
+    """By content: a pickle (protocol 2-5 opcode) or torch.save's zip archive (e.g. data.bin)."""
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(4)
+    except OSError:
+        return False
+    return head == b"PK\x03\x04" or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
+
+
 def _load_tensor_file(path: Path) -> ModelInput:
     """One file -> one model input: a Tensor, or a dict of tensors (several per safetensors file)."""
+    if path.suffix in PICKLE_SUFFIXES or (path.suffix not in TENSOR_SUFFIXES and _is_pickle(path)):
+        return _load_pickle(path)
     if path.suffix == ".npy":
         try:
             array = np.load(path, allow_pickle=False)
@@ -272,14 +307,16 @@ def _collate(inputs: list[ModelInput], batch_size: int) -> list[ModelInput]:
 
 
 def load_calibration_data(spec: str, model_info: Any = None, tokenizer: Any = None,
-                          batch_size: int = 32, limit: int | None = None) -> list[ModelInput]:
+                          batch_size: int = 32, limit: int | None = None,
+                          allow_pickle: bool = False) -> list[ModelInput]:
     """Turn a data spec into a list of model inputs (batches).
 
     spec: "digits", "stdlib-text", "stdlib-code" (dicts {"input_ids": [B, 256]} of byte tokens,
     STDLIB_CODE_CALIB_WINDOWS windows unless limit says otherwise), a text file (one sample a line, tokenized into dict batches),
     or a .npy / .safetensors file or a folder of them (sorted; each file is a sample or a batch;
     consecutive same-shaped files are merged into batches of up to batch_size).
-    limit caps the number of samples. Errors raise DataLoadError.
+    limit caps the number of samples. Errors raise DataLoadError. Pickle files (.pt, ...) are
+    refused unless `allow_pickle` (then read with torch's weights_only loader).
     """
     if batch_size < 1 or (limit is not None and limit < 1):
         raise DataLoadError(f"batch_size and limit must be >= 1 (got {batch_size}, {limit})")
@@ -306,11 +343,18 @@ def load_calibration_data(spec: str, model_info: Any = None, tokenizer: Any = No
         raise DataLoadError(f"calibration data {spec!r} not found; pass a built-in data set "
                             f"({', '.join(BUILTIN_DATA)}), a text file, or a folder of .npy / .safetensors files")
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in TENSOR_SUFFIXES)
+        suffixes = TENSOR_SUFFIXES + (PICKLE_SUFFIXES if allow_pickle else ())
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in suffixes)
+        pickles = [p.name for p in path.iterdir() if p.is_file() and p.suffix in PICKLE_SUFFIXES]
+        if not files and pickles:
+            raise DataLoadError(f"calibration folder {path} holds only pickle files ({pickles[0]}, "
+                                f"...): {PICKLE_HINT}")
         if not files:
             raise DataLoadError(f"empty calibration data: folder {path} has no .npy or .safetensors files")
         inputs = _tensor_inputs(files, model_info, limit)
-    elif path.suffix in TENSOR_SUFFIXES:
+    elif (path.suffix in PICKLE_SUFFIXES or _is_pickle(path)) and not allow_pickle:
+        raise DataLoadError(f"{path} is a pickle file: {PICKLE_HINT}")
+    elif path.suffix in TENSOR_SUFFIXES + PICKLE_SUFFIXES or _is_pickle(path):
         inputs = _tensor_inputs([path], model_info, limit)
     else:
         tok = _tokenizer_for(model_info, tokenizer, str(path))

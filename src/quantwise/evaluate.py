@@ -38,11 +38,13 @@ class EvalResult:
 
 
 def _logits(output: Any) -> torch.Tensor:
-    """Model outputs may be a tensor, a tuple, or a Hugging Face output with .logits."""
+    """Model outputs may be a tensor, a tuple, or a Hugging Face output with .logits (an
+    encoder's: .last_hidden_state)."""
     if isinstance(output, torch.Tensor):
         return output
-    if hasattr(output, "logits"):
-        return output.logits
+    for key in ("logits", "last_hidden_state"):
+        if isinstance(getattr(output, key, None), torch.Tensor):
+            return getattr(output, key)
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
         return output[0]
     raise QuantwiseError(f"cannot read a tensor from a model output of type {type(output).__name__}")

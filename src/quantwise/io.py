@@ -10,7 +10,6 @@ past `shard_bytes` (2 GiB by default) go to Hugging Face-style shards with an in
 from __future__ import annotations
 
 import copy
-import datetime
 import json
 import os
 import platform
@@ -26,11 +25,12 @@ from torch import nn
 
 from quantwise._version import __version__
 from quantwise.config import Config
-from quantwise.errors import CheckpointError, OutputPathError
+from quantwise.errors import CheckpointError, OutputPathError, QuantwiseError
 from quantwise.fileio import atomic_write_bytes, atomic_write_text, current_umask, swap_in
 from quantwise.fold import fold_conv_bn
 from quantwise.formats.metadata import FORMAT_VERSION, META_FILE, read_quantwise_json
 from quantwise.formats.shards import INDEX, ShardedCheckpoint, write_shards
+from quantwise.formats.verify import check_against_model, check_metadata, check_tensors
 from quantwise.encoder import apply_encoder_fastpath
 from quantwise.int8graph import apply_int8_graph
 from quantwise.kernels import LEAN_REASON
@@ -91,6 +91,11 @@ def save(model: nn.Module, folder: str | Path, overwrite: bool = False,
         atomic_write_text(staging / META_FILE, json.dumps(_metadata(model, state), separators=(",", ":")))
         _copy_hf_files(state, staging)
         swap_in(staging, folder)
+    except OSError as exc:  # disk full, quota, I/O error: nothing half-written, say so
+        shutil.rmtree(staging, ignore_errors=True)
+        raise OutputPathError(f"writing {folder} failed ({exc.strerror or exc}); "
+                              f"{'its previous content is unchanged' if folder.exists() else 'nothing was written'}"
+                              ": free some space or choose another --out folder") from exc
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -98,7 +103,9 @@ def save(model: nn.Module, folder: str | Path, overwrite: bool = False,
 
 
 def _write_weights(model: nn.Module, staging: Path, shard_bytes: int) -> None:
-    metadata = {"format": "quantwise", "version": str(FORMAT_VERSION)}
+    # one key: safetensors writes its metadata from a Rust HashMap, so two keys come out in a
+    # random order and the same model would give different bytes (the version is in quantwise.json)
+    metadata = {"format": "quantwise"}
     state = model.state_dict()
     # tied tensors are stored once, as safetensors.save_model does (load restores the ties)
     for removed in safetensors.torch._remove_duplicate_names(state).values():
@@ -142,10 +149,10 @@ def _metadata(model: nn.Module, state: QuantState) -> dict[str, Any]:
     return {"format": "quantwise", "format_version": FORMAT_VERSION,
             "quantwise_version": __version__, "torch_version": torch.__version__,
             "python": platform.python_version(),
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "source": state.source, "config": state.config.to_dict(), "layers": layers,
             "folded": [list(pair) for pair in state.folded],
             **({"prescaled": prescaled} if (prescaled := prescaled_modules(model)) else {}),
+            # No timestamp: the same command writes the same bytes (tests/test_determinism.py).
             # The kernel is not stored: load names the one it rebuilds on that machine.
             # Fields at their defaults are left out (LayerRecord restores them): the metadata of
             # a small model is a visible part of its checkpoint.
@@ -185,6 +192,11 @@ def load(folder: str | Path, model: nn.Module | None = None, fuse: bool = True,
     """
     folder = Path(folder)
     meta = read_metadata(folder)
+    check_metadata(meta, folder / META_FILE)
+    try:
+        config = Config.from_dict(meta["config"])
+    except QuantwiseError as exc:
+        raise CheckpointError(f"{folder / META_FILE}: its \"config\" is not valid ({exc})") from None
     empty = model is None and is_hf_folder(folder)
     if empty:
         # a self-contained folder (saved from a Hugging Face model) rebuilds from its own
@@ -214,10 +226,7 @@ def load(folder: str | Path, model: nn.Module | None = None, fuse: bool = True,
         if layer.tied_to:
             layer.tie_weight(layers[layer.tied_to])
     restore_prescale(qmodel, meta.get("prescaled", {}))  # SmoothQuant's explicit divisions
-    if (folder / INDEX).is_file():
-        _load_shards(qmodel, folder, assign=empty)
-    else:
-        _load_weights(qmodel, folder / WEIGHTS_FILE, assign=empty)
+    _load_state(qmodel, _read_checked(qmodel, folder, meta), folder, assign=empty)
     if empty:
         _check_filled(qmodel, folder)
     lean = _needs_lean_kernels(layers, folder, max_memory)
@@ -230,7 +239,7 @@ def load(folder: str | Path, model: nn.Module | None = None, fuse: bool = True,
             records[name].reason = "; ".join(filter(None, (records[name].reason, LEAN_REASON)))
     for conv_name, bn_name in folded:
         records[bn_name].kernel = f"folded into {conv_name}"
-    state = QuantState(Config.from_dict(meta["config"]), records, meta.get("source"),
+    state = QuantState(config, records, meta.get("source"),
                        stage="converted", folded=folded)
     set_state(qmodel, state)
     if fuse:
@@ -239,29 +248,23 @@ def load(folder: str | Path, model: nn.Module | None = None, fuse: bool = True,
     return qmodel.eval()
 
 
-def _load_weights(model: nn.Module, path: Path, assign: bool = False) -> None:
-    if path.stat().st_size < 8:
-        raise CheckpointError(f"{path} is truncated or not a safetensors file")
-    try:
-        if assign:  # meta-device parameters: the file's tensors become the model's
-            state = safetensors.torch.load_file(str(path))
-            _load_state(model, state, path)
-            return
-        missing, unexpected = safetensors.torch.load_model(model, str(path), strict=False)
-    except (safetensors.SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"{path} is truncated or not a valid safetensors file ({exc})") from None
-    if missing or unexpected:
-        raise CheckpointError(f"{path} does not match the model: missing keys {sorted(missing)}, "
-                              f"unexpected keys {sorted(unexpected)}")
-
-
-def _load_shards(model: nn.Module, folder: Path, assign: bool = False) -> None:
-    """Sharded weights, checked first (formats/shards.py), with load_model's handling of ties."""
+def _read_checked(model: nn.Module, folder: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors, its headers checked before anything is read (formats/shards.py:
+    sizes, offsets, names inside the folder) and every tensor checked against quantwise.json and
+    the model before it is trusted (formats/verify.py)."""
     checkpoint = ShardedCheckpoint.open(folder, allow_non_float=True)
-    # as stored (no float conversion); the tensors are copy-on-write views of the mapped shards
-    state = {name: checkpoint.read(name, dtype=None) for name in checkpoint.tensors}
-    checkpoint.close()
-    _load_state(model, state, folder, assign)
+    try:
+        # as stored (no float conversion): copy-on-write views of the mapped files
+        state = {name: checkpoint.read(name, dtype=None) for name in checkpoint.tensors}
+    except (safetensors.SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{folder}: a tensor cannot be read ({exc}); the file is damaged: "
+                              "save the model again") from None
+    finally:
+        checkpoint.close()
+    where = folder / INDEX if (folder / INDEX).is_file() else folder / WEIGHTS_FILE
+    check_tensors(state, meta, where)
+    check_against_model(state, model, where)
+    return state
 
 
 def _load_state(model: nn.Module, state: dict[str, torch.Tensor], where: Path,

@@ -23,6 +23,7 @@ from quantwise.plan import Plan, plan
 from quantwise.sensitivity import SensitivityReport, sensitivity
 from quantwise.models.registry import DEFAULT_MODEL, ModelInfo, load_model
 from quantwise.models.hf import is_hf_folder
+from quantwise.state import get_state
 from quantwise.summary import Summary, summary
 from quantwise.workflow import quantize
 
@@ -96,22 +97,23 @@ def eval_batches(info: ModelInfo, calib: list[Any]) -> tuple[list[Any], str]:
     return calib, "cosine"
 
 
-def _model_and_calib(model_ref: str, calib: str | None, log: Callable[[str], None]
-                     ) -> tuple[nn.Module, ModelInfo, str, list[Any]]:
+def _model_and_calib(model_ref: str, calib: str | None, log: Callable[[str], None],
+                     allow_pickle: bool = False) -> tuple[nn.Module, ModelInfo, str, list[Any]]:
     log(f"loading model {model_ref!r}")
-    model, info = load_model(model_ref)
+    model, info = load_model(model_ref, allow_pickle=allow_pickle)
     calib_spec = calib or info.calib_data
     if calib_spec is None:
         raise CalibrationError(f"model {info.name!r} has no built-in calibration data: pass --calib "
                                "(a text file, or a folder of .npy / .safetensors inputs)")
-    return model, info, calib_spec, load_calibration_data(calib_spec, info)
+    return model, info, calib_spec, load_calibration_data(calib_spec, info, allow_pickle=allow_pickle)
 
 
 def run_quantize_job(model_ref: str = DEFAULT_MODEL, config: str = "w8a8", calib: str | None = None,
                      method: str | None = None, out: str | Path | None = None,
                      overwrite: bool = False, progress: bool = True,
                      log: Callable[[str], None] = lambda _: None, max_drop: float | str | None = None,
-                     objective: str = "size", formats: tuple[str, ...] | None = None) -> JobReport:
+                     objective: str = "size", formats: tuple[str, ...] | None = None,
+                     allow_pickle: bool = False) -> JobReport:
     """Quantize with `config`, or, with `max_drop`, with the plan that meets that accuracy budget
     on the model's own metric at the lowest size or latency (`objective`)."""
     cfg = Config.resolve(config)
@@ -121,7 +123,7 @@ def run_quantize_job(model_ref: str = DEFAULT_MODEL, config: str = "w8a8", calib
     out = Path(out) if out else default_out(model_ref, name)
     inputs = (model_ref, calib) if Path(model_ref).exists() else ((calib,) if calib else ())
     check_output_dir(out, overwrite, inputs=tuple(p for p in inputs if p and Path(p).exists()))
-    model, info, calib_spec, calib_data = _model_and_calib(model_ref, calib, log)
+    model, info, calib_spec, calib_data = _model_and_calib(model_ref, calib, log, allow_pickle)
     evals = eval_batches(info, calib_data)
     chosen = None
     if max_drop is not None:
@@ -135,11 +137,28 @@ def run_quantize_job(model_ref: str = DEFAULT_MODEL, config: str = "w8a8", calib
         cfg.name = name
     log(f"quantizing with {cfg.name} ({len(calib_data)} calibration batches from {calib_spec!r})")
     qmodel = quantize(model, cfg, calib_data, progress=progress, source=_source(model_ref))
+    _check_something_quantized(qmodel, calib_spec)
     save(qmodel, out, overwrite=overwrite)
     log(f"saved to {out}; measuring before/after")
     report = _measure(model, qmodel, info, cfg.name, out, evals)
     report.plan = chosen
     return report
+
+
+def _check_something_quantized(qmodel: nn.Module, calib_spec: str) -> None:
+    """A job that quantized no layer failed (all-NaN calibration data, a config excluding
+    everything): say why in one line, exit non-zero, write nothing, so scripts notice."""
+    records = [r for r in get_state(qmodel).records.values() if r.status != "folded"]
+    if any(r.status == "quantized" for r in records):
+        return
+    first = next((r for r in records if r.reason), None)
+    why = f" (first: {first.name}: {first.reason})" if first else ""
+    seen, bad = sum(r.seen for r in records), sum(r.nonfinite for r in records)
+    if bad:
+        why += f"; {bad} of {seen} calibration values were NaN or infinite"
+    raise CalibrationError(f"nothing was quantized: all {len(records)} layers stayed float{why}; "
+                           f"check the calibration data {calib_spec!r} and the config; no output "
+                           "was written")
 
 
 def _metric_fn(model: nn.Module, evals: tuple[list[Any], str], limit: int = 8
@@ -156,14 +175,15 @@ def _metric_fn(model: nn.Module, evals: tuple[list[Any], str], limit: int = 8
 def run_analyze_job(model_ref: str = DEFAULT_MODEL, config: str = "w8a8", calib: str | None = None,
                     method: str | None = None, proxy_batches: int = 2, top_k: int = 5,
                     eval_batches_limit: int = 4, progress: bool = True,
-                    log: Callable[[str], None] = lambda _: None) -> SensitivityReport:
+                    log: Callable[[str], None] = lambda _: None,
+                    allow_pickle: bool = False) -> SensitivityReport:
     """Per-layer sensitivity of MODEL under CONFIG; the task metric is the model's own (top-1 on
     its test split, or cosine vs fp32 on held-out inputs), on the first `eval_batches_limit`
     evaluation batches."""
     cfg = Config.resolve(config)
     if method:
         cfg = cfg.with_calibrator(method)
-    model, info, _, calib_data = _model_and_calib(model_ref, calib, log)
+    model, info, _, calib_data = _model_and_calib(model_ref, calib, log, allow_pickle)
     batches, metric = eval_batches(info, calib_data)
     batches = batches[:max(1, eval_batches_limit)]
     proxy = [b[0] for b in batches] if metric == "top1" else batches

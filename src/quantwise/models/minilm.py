@@ -7,13 +7,15 @@ downloaded: every transformers call uses `local_files_only=True`.
 from __future__ import annotations
 
 import json
+import pickle
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from quantwise.errors import ModelLoadError
+from quantwise.errors import ModelLoadError, QuantwiseWarning
 
 EMBED_DIM = 384
 _PICKLE_WEIGHTS = ("pytorch_model.bin", "tf_model.h5", "model.ckpt.index", "flax_model.msgpack")
@@ -66,8 +68,14 @@ class SentenceEmbedder(nn.Module):
         return pooled
 
 
-def _check_hf_folder(path: Path) -> None:
-    """Refuse folders without config.json or without safetensors weights (never load pickles)."""
+PICKLE_HINT = ("pass --allow-pickle (Python: allow_pickle=True) only if you trust the file, since "
+               "unpickling can run arbitrary code, or convert the model with "
+               "save_pretrained(..., safe_serialization=True) to get model.safetensors")
+
+
+def _check_hf_folder(path: Path, allow_pickle: bool = False) -> bool:
+    """Refuse folders without config.json or without safetensors weights; pickle weights only
+    with `allow_pickle` (returns whether the weights are a pickle)."""
     if not path.is_dir():
         raise ModelLoadError(f"{path} is not a directory; pass a Hugging Face model folder")
     if not (path / "config.json").is_file():
@@ -77,14 +85,17 @@ def _check_hf_folder(path: Path) -> None:
         )
     if any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").is_file():
         _check_shards(path)
-        return
+        return False
     pickles = [name for name in _PICKLE_WEIGHTS if (path / name).exists()]
+    if allow_pickle and any(path.glob("pytorch_model*.bin")):
+        warnings.warn(f"{path}: loading pickle weights (pytorch_model*.bin) because allow_pickle "
+                      "was given: unpickling can run code; torch's weights_only mode still refuses "
+                      "anything but tensors", QuantwiseWarning, stacklevel=3)
+        return True
     if pickles or any(path.glob("pytorch_model*.bin")):
         raise ModelLoadError(
-            f"{path} only has pickle weights ({', '.join(pickles) or 'pytorch_model*.bin'}); "
-            "pickle loading is disabled because it can run arbitrary code. Convert the model "
-            "with save_pretrained(..., safe_serialization=True) to get model.safetensors"
-        )
+            f"{path} only has pickle weights ({', '.join(pickles) or 'pytorch_model*.bin'}), "
+            f"refused by default; {PICKLE_HINT}")
     raise ModelLoadError(f"{path} has a config.json but no *.safetensors weights file")
 
 
@@ -103,7 +114,7 @@ def _check_shards(path: Path) -> None:
         checkpoint.check_config(config)
 
 
-def _auto_model(path: Path, sentence: bool = False) -> nn.Module:
+def _auto_model(path: Path, sentence: bool = False, from_pickle: bool = False) -> nn.Module:
     from transformers import AutoConfig, AutoModel
     from transformers.utils import logging as hf_logging
 
@@ -121,21 +132,26 @@ def _auto_model(path: Path, sentence: bool = False) -> nn.Module:
         cls = AutoModel if sentence else model_class(AutoConfig.from_pretrained(
             str(path), local_files_only=True))
         model = cls.from_pretrained(
-            str(path), local_files_only=True, use_safetensors=True, attn_implementation="eager",
+            str(path), local_files_only=True, use_safetensors=not from_pickle, attn_implementation="eager",
             dtype=torch.float32)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelLoadError(f"cannot load Hugging Face model from {path}: {exc}") from exc
+    except pickle.UnpicklingError as exc:  # torch's weights_only loader refused the pickle
+        first = str(exc).splitlines()[0][:200]
+        raise ModelLoadError(f"cannot load the pickled weights of {path}: torch's weights_only "
+                             f"loader refused them ({first}); they hold more than tensors") from None
     finally:
         if not bars_were_off:
             hf_logging.enable_progress_bar()
     return model.eval()
 
 
-def load_minilm(path: str | Path | None = None) -> SentenceEmbedder:
+def load_minilm(path: str | Path | None = None, allow_pickle: bool = False) -> SentenceEmbedder:
     """Load all-MiniLM-L6-v2 (or a compatible folder) as an eval-mode SentenceEmbedder."""
     folder = Path(path) if path is not None else default_minilm_path()
-    _check_hf_folder(folder)
-    return SentenceEmbedder(_auto_model(folder, sentence=True), normalize=_wants_normalize(folder)).eval()
+    from_pickle = _check_hf_folder(folder, allow_pickle)
+    return SentenceEmbedder(_auto_model(folder, sentence=True, from_pickle=from_pickle),
+                            normalize=_wants_normalize(folder)).eval()
 
 
 def _wants_normalize(folder: Path) -> bool:
@@ -173,11 +189,10 @@ def tokenize(tokenizer: Any, sentences: list[str], max_length: int = 64) -> dict
     return {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
 
 
-def load_hf_folder(path: str | Path) -> nn.Module:
+def load_hf_folder(path: str | Path, allow_pickle: bool = False) -> nn.Module:
     """Load a local Hugging Face folder: sentence-transformers (modules.json) -> SentenceEmbedder,
-    otherwise the bare AutoModel. Only safetensors weights are accepted."""
+    otherwise the bare AutoModel. Safetensors weights only, unless `allow_pickle`."""
     folder = Path(path)
-    _check_hf_folder(folder)
     if (folder / "modules.json").is_file():
-        return load_minilm(folder)
-    return _auto_model(folder)
+        return load_minilm(folder, allow_pickle)
+    return _auto_model(folder, from_pickle=_check_hf_folder(folder, allow_pickle))

@@ -85,14 +85,15 @@ def _what_to_pass() -> str:
             "config.json and *.safetensors, or `package.module:function` returning an nn.Module")
 
 
-def load_model(ref: str) -> tuple[nn.Module, ModelInfo]:
-    """Load a model in eval mode from a built-in name, an HF folder path or `package.module:function`."""
+def load_model(ref: str, allow_pickle: bool = False) -> tuple[nn.Module, ModelInfo]:
+    """Load a model in eval mode from a built-in name, an HF folder path or `package.module:function`.
+    `allow_pickle`: an HF folder's pickle weights (pytorch_model.bin) are loaded (it can run code)."""
     ref = str(ref).strip()
     if ref in BUILTIN_MODELS:
         return BUILTIN_MODELS[ref]().eval(), builtin_info(ref)
     path = Path(ref).expanduser()
     if path.exists():
-        return _load_path(path)
+        return _load_path(path, allow_pickle)
     if _MODULE_REF.match(ref):
         return _load_function(ref)
     if "/" in ref or "\\" in ref or path.suffix:
@@ -100,11 +101,14 @@ def load_model(ref: str) -> tuple[nn.Module, ModelInfo]:
     raise ModelLoadError(f"unknown model {ref!r}; {_what_to_pass()}")
 
 
-def _load_path(path: Path) -> tuple[nn.Module, ModelInfo]:
+def _load_path(path: Path, allow_pickle: bool = False) -> tuple[nn.Module, ModelInfo]:
     if path.is_file():
         # Never import or exec a .py file, nor unpickle a checkpoint given by path.
-        raise ModelLoadError(f"{path} is a file; quantwise does not run files as code or load bare "
-                             f"checkpoints; {_what_to_pass()}")
+        hint = (" (a pickle: quantwise never unpickles a bare file; a Hugging Face folder's "
+                "pytorch_model.bin loads with --allow-pickle)"
+                if path.suffix in (".pt", ".pth", ".bin", ".pkl", ".ckpt") else "")
+        raise ModelLoadError(f"{path} is a file{hint}; quantwise does not run files as code or load "
+                             f"bare checkpoints; {_what_to_pass()}")
     if not any(path.iterdir()):
         raise ModelLoadError(f"{path} is an empty directory; {_what_to_pass()}")
     if (path / "quantwise.json").is_file():
@@ -115,7 +119,7 @@ def _load_path(path: Path) -> tuple[nn.Module, ModelInfo]:
         raise ModelLoadError(f"{path} has no config.json, so no model was found in it; {_what_to_pass()}")
     from quantwise.models.minilm import SentenceEmbedder, load_hf_folder
 
-    model = load_hf_folder(path).eval()
+    model = load_hf_folder(path, allow_pickle).eval()
     if isinstance(model, SentenceEmbedder):
         info = ModelInfo(path.name, "embedder", "stdlib-text", "stdlib-text", "cosine", source=str(path))
     else:

@@ -36,7 +36,7 @@ from torch import nn
 from quantwise.config import Config
 from quantwise.errors import ConfigError, ModelLoadError
 from quantwise.formats.shards import ShardedCheckpoint, shard_file_names, write_index
-from quantwise.io import (FORMAT_VERSION, META_FILE, _copy_hf_files, _metadata,
+from quantwise.io import (META_FILE, _copy_hf_files, _metadata,
                           available_memory, check_output_dir)
 from quantwise.fileio import atomic_write_text, current_umask, swap_in
 from quantwise.methods import apply_method
@@ -49,7 +49,7 @@ from quantwise.stream.progress import Progress, partial_dir, run_key
 from quantwise.workflow import (_code_limits, _convert_layer, _needs_calibration, nonempty,
                                 prepare, record_kernel)
 
-_SHARD_META = {"format": "quantwise", "version": str(FORMAT_VERSION)}
+_SHARD_META = {"format": "quantwise"}  # one key: see io._write_weights
 # Carried hidden states above this share of the available memory are mapped from the progress
 # file instead of held (64 x 256 tokens of a 2048-wide model: 134 MB, held)
 CARRY_FRACTION = 0.125
