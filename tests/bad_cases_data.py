@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 import quantwise
-from quantwise.errors import CalibrationError, ConfigError, DataLoadError
+from quantwise.errors import CalibrationError, DataLoadError
 from quantwise.numerics import TINY
 from quantwise.state import get_state
 from bad_case import Base, Case, case, npy_folder
