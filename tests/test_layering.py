@@ -11,7 +11,7 @@ LEVELS = {
     "calibrators": 2, "config": 2,
     "kernels": 3, "modules": 3, "state": 3, "methods": 3,
     "workflow": 4, "int8graph": 4, "encoder": 4, "fold": 3,
-    "io": 5, "summary": 5, "evaluate": 5, "sensitivity": 5, "plan": 5, "planresult": 5, "export": 5, "qat": 5,
+    "io": 5, "report": 5, "summary": 5, "evaluate": 5, "sensitivity": 5, "plan": 5, "planresult": 5, "export": 5, "qat": 5,
     "job": 6, "cli": 6, "qatjob": 6, "stream": 6, "runtime": 6, "__init__": 7, "__main__": 7,
 }
 ROOT = Path(quantwise.__file__).parent

@@ -115,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(same model, config and calibration data; the result is that of one run)")
     q.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     q.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    q.add_argument("--report", metavar="FILE.html",
+                   help="also write a self-contained HTML report (per-layer ranges and histograms, "
+                        "kernels, before / after, the plan's Pareto front)")
     q.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
     a = sub.add_parser(
         "analyze", help="rank the layers by how much quantizing each one hurts (sensitivity)",
@@ -126,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--top-k", type=int, default=5,
                    help="layers whose revert is measured with the task metric (default: 5)")
     a.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    a.add_argument("--report", metavar="FILE.html", help="also write the ranking as an HTML report")
     a.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
     b = sub.add_parser(
         "benchmark", help="measure a saved quantized model against its float model",
@@ -210,6 +214,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compressed-tensors / gguf: skip reading the export back with transformers")
     e.add_argument("--overwrite", action="store_true", help="replace an existing .onnx file")
     e.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    r = sub.add_parser(
+        "report", help="write one self-contained HTML page for a quantization job",
+        description="SOURCE: a saved report (.json, or a report .html to render again), the --json "
+                    "output of quantize / analyze, a checkpoint folder (measured against its float "
+                    "model), or a model to quantize with --config. Writes --out, an HTML file that "
+                    "opens offline: the job, before / after, per-layer formats, kernels, ranges, "
+                    "histograms with each calibrator's range, SQNR, the plan's Pareto front.")
+    r.add_argument("source", help="results.json / report.html, a checkpoint folder, or a model")
+    r.add_argument("--config", default="w8a8", help="with a model: preset or config file (default: w8a8)")
+    r.add_argument("--calib", help="with a model: calibration data (default: the model's own)")
+    r.add_argument("--model", help="with a folder: the float model, when the folder records none")
+    r.add_argument("--data", help="with a folder: evaluation inputs (default: the model's own)")
+    r.add_argument("--out", default="report.html", help="the HTML file (default: report.html)")
+    r.add_argument("--overwrite", action="store_true", help="replace an existing report (and checkpoint)")
+    r.add_argument("--json", action="store_true", help="print the report document as JSON on stdout")
     i = sub.add_parser(
         "inspect", help="check an ONNX file and report which ops ONNX Runtime runs as integer kernels",
         description="Check FILE (not empty or truncated, external data only beside it), let ONNX "
@@ -218,6 +237,40 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("file", help="an .onnx file (written by quantwise export or any other tool)")
     i.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     return parser
+
+
+def _check_report_path(path: str, overwrite: bool) -> None:
+    """Before the long work: an existing report is replaced only with --overwrite, and its folder
+    must be writable."""
+    from pathlib import Path
+
+    from quantwise.errors import OutputPathError
+    from quantwise.io import check_output_dir
+
+    target = Path(path)
+    if target.is_dir():
+        raise OutputPathError(f"report path {target} is a folder: pass a file name such as report.html")
+    if target.exists() and not overwrite:
+        raise OutputPathError(f"report {target} already exists: pass --overwrite or choose another name")
+    check_output_dir(target.parent if str(target.parent) else Path("."), overwrite=True)
+
+
+def _report_document(args: argparse.Namespace, log, argv: list[str] | None):
+    """The document `quantwise report SOURCE` renders: read, measured, or quantized for it."""
+    from pathlib import Path
+
+    from quantwise.job import run_benchmark_job, run_quantize_job
+    from quantwise.report import document, read_document
+
+    source = Path(args.source)
+    if source.is_file() and source.suffix.lower() in (".json", ".html", ".htm"):
+        return read_document(source)
+    if source.is_dir() and (source / "quantwise.json").is_file():
+        result = run_benchmark_job(source, args.data, args.model, log=log, collect_stats=True)
+    else:
+        result = run_quantize_job(args.source, args.config, args.calib, overwrite=args.overwrite,
+                                  progress=not args.json, log=log, collect_stats=True)
+    return document(result=result.to_dict(), stats=result.stats, command=argv)
 
 
 def _format_report(report) -> str:
@@ -260,6 +313,7 @@ def _max_drop(text: str | None) -> float | str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     if args.command == "quantize" and args.resume and not args.stream:
         print("quantwise: error: --resume continues a --stream run: add --stream", file=sys.stderr)
@@ -280,6 +334,8 @@ def main(argv: list[str] | None = None) -> int:
 
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", QuantwiseWarning)
+            if getattr(args, "report", None):
+                _check_report_path(args.report, getattr(args, "overwrite", False))
             if args.command == "analyze":
                 report = run_analyze_job(args.model, args.config, args.calib, args.method,
                                          args.batches, args.top_k,
@@ -311,6 +367,9 @@ def main(argv: list[str] | None = None) -> int:
                                   engine=args.engine)
             elif args.command == "benchmark":
                 report = run_benchmark_job(args.folder, args.data, args.model, log=log)
+            elif args.command == "report":
+                _check_report_path(args.out, args.overwrite)
+                report = _report_document(args, log, argv)
             elif args.command == "inspect":
                 from quantwise.export.check import fusion_report
                 from quantwise.export.onnx_file import open_onnx
@@ -329,8 +388,20 @@ def main(argv: list[str] | None = None) -> int:
                     progress=not (args.quiet or args.json), log=log,
                     max_drop=_max_drop(args.max_drop), objective=args.objective,
                     formats=tuple(f.strip() for f in args.formats.split(",")) if args.formats else None,
-                    allow_pickle=args.allow_pickle)
-        notes = sorted({str(w.message) for w in caught if issubclass(w.category, QuantwiseWarning)})
+                    allow_pickle=args.allow_pickle, collect_stats=bool(args.report))
+            notes = sorted({str(w.message) for w in caught if issubclass(w.category, QuantwiseWarning)})
+            if getattr(args, "report", None) or args.command == "report":
+                from quantwise.report import document, write_report
+
+                if args.command == "report":
+                    doc = report
+                elif args.command == "analyze":
+                    doc = document(sensitivity=json.loads(report.to_json()), command=argv)
+                else:
+                    report.notes = report.notes + notes
+                    doc = document(result=report.to_dict(), stats=report.stats, command=argv)
+                path = write_report(doc, args.out if args.command == "report" else args.report)
+                log(f"report written to {path}")
     except QuantwiseError as exc:
         print(f"quantwise: error: {exc}", file=sys.stderr)
         return 2
@@ -353,6 +424,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "inspect":
         print(json.dumps(report.to_dict(), indent=2) if args.json else report.line())
+        return 0
+    if args.command == "report":
+        if args.json:
+            print(json.dumps(report, indent=2, allow_nan=False, default=str))
         return 0
     if args.command == "analyze":
         print(report.to_json() if args.json else report)

@@ -20,6 +20,7 @@ from quantwise.evaluate import (EvalResult, evaluate, float_checkpoint_bytes, fo
                                 median_latency_ms)
 from quantwise.io import check_output_dir, load, read_metadata, save
 from quantwise.plan import Plan, plan
+from quantwise.report.collect import layer_stats
 from quantwise.sensitivity import SensitivityReport, sensitivity
 from quantwise.models.registry import DEFAULT_MODEL, ModelInfo, load_model
 from quantwise.models.hf import is_hf_folder
@@ -52,6 +53,7 @@ class JobReport:
     layers: Summary
     notes: list[str] = field(default_factory=list)
     plan: Plan | None = None  # when the config was planned against an accuracy budget
+    stats: dict[str, Any] | None = None  # per-layer ranges for the HTML report (report/collect.py)
 
     def to_dict(self) -> dict[str, Any]:
         b = self.before
@@ -113,9 +115,10 @@ def run_quantize_job(model_ref: str = DEFAULT_MODEL, config: str = "w8a8", calib
                      overwrite: bool = False, progress: bool = True,
                      log: Callable[[str], None] = lambda _: None, max_drop: float | str | None = None,
                      objective: str = "size", formats: tuple[str, ...] | None = None,
-                     allow_pickle: bool = False) -> JobReport:
+                     allow_pickle: bool = False, collect_stats: bool = False) -> JobReport:
     """Quantize with `config`, or, with `max_drop`, with the plan that meets that accuracy budget
-    on the model's own metric at the lowest size or latency (`objective`)."""
+    on the model's own metric at the lowest size or latency (`objective`). `collect_stats`: also
+    the per-layer ranges and SQNRs the HTML report plots."""
     cfg = Config.resolve(config)
     if method:
         cfg = cfg.with_calibrator(method)
@@ -142,6 +145,9 @@ def run_quantize_job(model_ref: str = DEFAULT_MODEL, config: str = "w8a8", calib
     log(f"saved to {out}; measuring before/after")
     report = _measure(model, qmodel, info, cfg.name, out, evals)
     report.plan = chosen
+    if collect_stats:
+        log("collecting per-layer ranges for the report")
+        report.stats = layer_stats(model, qmodel, calib_data)
     return report
 
 
@@ -197,7 +203,7 @@ def run_analyze_job(model_ref: str = DEFAULT_MODEL, config: str = "w8a8", calib:
 
 
 def run_benchmark_job(folder: str | Path, data: str | None = None, model_ref: str | None = None,
-                      log: Callable[[str], None] = lambda _: None) -> JobReport:
+                      log: Callable[[str], None] = lambda _: None, collect_stats: bool = False) -> JobReport:
     """Reload a saved quantized model and measure it against its float model, side by side
     (the quantized model alone, by perplexity, when the float one would not fit in memory)."""
     folder = Path(folder)
@@ -213,7 +219,12 @@ def run_benchmark_job(folder: str | Path, data: str | None = None, model_ref: st
     else:
         raise CalibrationError(f"model {info.name!r} has no built-in evaluation data: pass --data "
                                "(a text file, or a folder of .npy / .safetensors inputs)")
-    return _measure(model, qmodel, info, meta["config"].get("name", "quantized"), folder, evals)
+    report = _measure(model, qmodel, info, meta["config"].get("name", "quantized"), folder, evals)
+    if collect_stats:  # on the data it was calibrated on (the model's own), else the given data
+        calib = load_calibration_data(info.calib_data, info) if info.calib_data else evals[0]
+        report.stats = layer_stats(model, qmodel, [b[0] if evals[1] == "top1" and calib is evals[0]
+                                                   else b for b in calib])
+    return report
 
 
 def _float_does_not_fit(folder: Path, model_ref: str | None) -> str | None:
