@@ -233,6 +233,17 @@ def _(b: Base, tmp: Path) -> Case:
                 inputs=[folder], api=_load(folder), error=CheckpointError)
 
 
+@case(28, "c", "quantwise.json whose source names a Python function (os:abort)",
+      "refused: a checkpoint never makes quantwise import or run code")
+def _(b: Base, tmp: Path) -> Case:
+    folder = b.copy("ckpt", tmp / "ckpt")
+    meta = json.loads((folder / "quantwise.json").read_text())
+    meta["source"] = "os:abort"
+    (folder / "quantwise.json").write_text(json.dumps(meta))
+    return Case(["benchmark", str(folder)], r"records its source model as 'os:abort', a Python function",
+                inputs=[folder], api=_load(folder), error=CheckpointError)
+
+
 @case(29, "a", "int8 codes rewritten as int32 values out of int8's range",
       "refused: the dtype quantwise.json declares")
 def _(b: Base, tmp: Path) -> Case:

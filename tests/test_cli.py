@@ -108,9 +108,11 @@ def test_benchmark_custom_model_needs_data_and_reports_cosine(tmp_path, capsys):
     ref = "benchmark_models:small_mlp"
     assert main(["quantize", ref, "--calib", str(data), "--out", str(out), "--quiet"]) == 0
     capsys.readouterr()
-    assert main(["benchmark", str(out)]) == 2
+    assert main(["benchmark", str(out)]) == 2  # the recorded source is code: never run unasked
+    assert "does not run code a checkpoint names" in capsys.readouterr().err
+    assert main(["benchmark", str(out), "--model", ref]) == 2
     assert "--data" in capsys.readouterr().err
-    assert main(["benchmark", str(out), "--data", str(data), "--json"]) == 0
+    assert main(["benchmark", str(out), "--model", ref, "--data", str(data), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["before"]["metric"] == "cosine" and report["after"]["quality"] > 0.99
 

@@ -69,7 +69,17 @@ class LayerConfig:
     calibrator_args: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.calibrator not in CALIBRATORS:
+        for key in ("weight", "activation"):  # from_dict parses dicts; anything else is a typo
+            if not isinstance(getattr(self, key), (QuantSpec, type(None))):
+                raise ConfigError(f"{key} must be a spec mapping (format, granularity, ...) or "
+                                  f"null, got {getattr(self, key)!r}")
+        if not isinstance(self.dynamic, bool):
+            raise ConfigError(f"dynamic must be true or false, got {self.dynamic!r}")
+        if not isinstance(self.calibrator_args, dict) or not all(
+                isinstance(k, str) for k in self.calibrator_args):
+            raise ConfigError(f"calibrator_args must be a mapping of option names, got "
+                              f"{self.calibrator_args!r}")
+        if not isinstance(self.calibrator, str) or self.calibrator not in CALIBRATORS:
             raise ConfigError(f"unknown calibrator {self.calibrator!r}; valid: {', '.join(CALIBRATORS)}")
         if self.dynamic and self.activation is None:
             raise ConfigError("dynamic=True needs an activation spec (per_tensor or per_token)")
@@ -129,6 +139,11 @@ class Rule:
     overrides: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.pattern, str):
+            raise ConfigError(f"a rule's pattern must be a string (fnmatch), got {self.pattern!r}")
+        if isinstance(self.types, str) or not isinstance(self.types, (list, tuple)) or not all(
+                isinstance(t, str) for t in self.types):
+            raise ConfigError(f"a rule's types must be a list of module class names, got {self.types!r}")
         object.__setattr__(self, "types", tuple(self.types))
         LayerConfig.from_dict(self.overrides, LayerConfig())  # validate eagerly: typos fail here
         specs = {k: QuantSpec.from_dict(v) for k, v in self.overrides.items()
@@ -153,7 +168,7 @@ class Rule:
         layer_keys = {f.name for f in fields(LayerConfig)}
         _check_keys(data, layer_keys | {"pattern", "types"}, "rule")
         overrides = {k: v for k, v in data.items() if k in layer_keys}
-        return cls(pattern=data.get("pattern", "*"), types=tuple(data.get("types", ())),
+        return cls(pattern=data.get("pattern", "*"), types=data.get("types", ()),
                    overrides=overrides)
 
 
@@ -216,8 +231,13 @@ class Config:
                     "config")
         base = cls.preset(data["preset"]) if "preset" in data else cls()
         default = LayerConfig.from_dict(data.get("default") or {}, base.default)
-        rules = [Rule.from_dict(r) for r in data.get("rules") or []] + base.rules
-        exclude = list(data.get("exclude") or []) + base.exclude
+        rules, exclude = data.get("rules") or [], data.get("exclude") or []
+        if not isinstance(rules, list):
+            raise ConfigError(f"rules must be a list of rule mappings, got {rules!r}")
+        if not isinstance(exclude, list) or not all(isinstance(p, str) for p in exclude):
+            raise ConfigError(f"exclude must be a list of name patterns (strings), got {exclude!r}")
+        rules = [Rule.from_dict(r) for r in rules] + base.rules
+        exclude = exclude + base.exclude
         # A preset's method stays unless overridden; its args are kept (and updated by
         # `method_args`) only while the method is the same.
         method = data.get("method", base.method)
@@ -226,8 +246,10 @@ class Config:
         if not isinstance(extra, dict):
             raise ConfigError(f"method_args must be a mapping, got {extra!r}")
         args.update(extra)
-        return cls(default=default, rules=rules, exclude=exclude,
-                   name=data.get("name", data.get("preset", "custom")), method=method,
+        name = data.get("name", data.get("preset", "custom"))
+        if not isinstance(name, str):
+            raise ConfigError(f"name must be a string, got {name!r}")
+        return cls(default=default, rules=rules, exclude=exclude, name=name, method=method,
                    method_args=args)
 
     def save(self, path: str | Path) -> None:
@@ -243,15 +265,23 @@ class Config:
             raise ConfigError(f"config file {path} does not exist")
         try:
             text = path.read_text()
-            data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-        except (json.JSONDecodeError, yaml.YAMLError, UnicodeDecodeError) as exc:
+        except UnicodeDecodeError as exc:
             raise ConfigError(f"config file {path} is not valid JSON/YAML: {exc}") from None
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc}") from None
+        _check_nesting(text, path)
+        try:
+            data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        # ValueError: bad JSON, a 5000-digit number; RecursionError: nested past the stack
+        except (ValueError, yaml.YAMLError, RecursionError) as exc:
+            raise ConfigError(f"config file {path} is not valid JSON/YAML: "
+                              f"{str(exc)[:300] or type(exc).__name__}") from None
         return cls.from_dict(data)
 
     # -- presets -------------------------------------------------------------------------------
     @classmethod
     def preset(cls, name: str) -> "Config":
-        if name not in PRESETS:
+        if not isinstance(name, str) or name not in PRESETS:
             raise ConfigError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
         return copy.deepcopy(PRESETS[name])
 
@@ -275,10 +305,10 @@ def check_method(method: str | None, args: dict) -> None:
     """Unknown methods, unknown or ill-typed method_args are errors that list the choices."""
     if method is None:
         if args:
-            raise ConfigError(f"method_args {sorted(args)} given without a method; valid methods: "
+            raise ConfigError(f"method_args {sorted(args, key=str)} given without a method; valid methods: "
                               f"{', '.join(METHOD_ARGS)}")
         return
-    if method not in METHOD_ARGS:
+    if not isinstance(method, str) or method not in METHOD_ARGS:
         raise ConfigError(f"unknown method {method!r}; valid methods: {', '.join(METHOD_ARGS)} "
                           "(or none)")
     _check_keys(args, set(METHOD_ARGS[method]), f"{method} method_args")
@@ -313,12 +343,30 @@ def weight_method_config(method: str = "gptq", bits: int = 4, group_size: int | 
                   method_args=args)
 
 
+MAX_NESTING = 64  # a config is a few levels deep; PyYAML takes minutes on 5,000 "{" (cubic)
+
+
+def _check_nesting(text: str, path: Path) -> None:
+    """Refuse brackets nested past MAX_NESTING before any parser sees them (counted loosely:
+    brackets inside strings count too, which no real config comes near)."""
+    depth = deepest = 0
+    for char in text:
+        if char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth = max(0, depth - 1)
+    if deepest > MAX_NESTING:
+        raise ConfigError(f"config file {path} nests brackets {deepest} deep (at most "
+                          f"{MAX_NESTING}): not a quantwise config")
+
+
 def _check_keys(data: dict[str, Any], allowed: set[str], what: str) -> None:
     if not isinstance(data, dict):
         raise ConfigError(f"a {what} must be a mapping, got {data!r}")
     unknown = set(data) - allowed
-    if unknown:
-        raise ConfigError(f"unknown {what} keys {sorted(unknown)}; valid keys: {sorted(allowed)}")
+    if unknown:  # key=str: YAML keys may be numbers, dates, None
+        raise ConfigError(f"unknown {what} keys {sorted(unknown, key=str)}; valid keys: {sorted(allowed)}")
 
 
 _W8 = QuantSpec("int8", symmetric=True, narrow_range=True, granularity=PerChannel(0))

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import math
 import random
 import re
+import tokenize  # numpy parses a .npy header with it: TokenError on a damaged one
 import warnings
 from functools import lru_cache
 from pathlib import Path
@@ -199,6 +201,7 @@ def _load_tensor_file(path: Path) -> ModelInput:
     if path.suffix in PICKLE_SUFFIXES or (path.suffix not in TENSOR_SUFFIXES and _is_pickle(path)):
         return _load_pickle(path)
     if path.suffix == ".npy":
+        _check_npy_size(path)
         try:
             array = np.load(path, allow_pickle=False)
         except ValueError as exc:
@@ -206,11 +209,15 @@ def _load_tensor_file(path: Path) -> ModelInput:
                 raise DataLoadError(f"{path} holds a pickled object array; pickle loading is refused "
                                     "for safety. Save a numeric array (np.save of a numeric dtype)") from exc
             raise DataLoadError(f"cannot read {path} as a .npy array: {exc}") from exc
-        except OSError as exc:
-            raise DataLoadError(f"cannot read {path}: {exc}") from exc
+        except (OSError, EOFError) as exc:  # EOFError: empty or cut inside the header
+            raise DataLoadError(f"cannot read {path} as a .npy array: {exc or 'truncated'}") from exc
         if array.dtype.kind not in "biuf":  # strings, bytes, complex: no tensor to feed a model
             raise DataLoadError(f"{path} holds a {array.dtype} array; save numeric (int/float/bool) arrays")
-        tensor = torch.from_numpy(np.ascontiguousarray(array))
+        if array.dtype.kind == "f" and array.dtype.itemsize > 8:  # long double: torch has none
+            array = array.astype(np.float64)
+        # big-endian arrays (saved on another machine, '>f4'): torch reads native order only
+        array = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("="))
+        tensor = torch.from_numpy(array)
         # numpy defaults to float64; models run in float32.
         return tensor.float() if tensor.dtype == torch.float64 else tensor
     from safetensors.torch import load_file
@@ -224,6 +231,35 @@ def _load_tensor_file(path: Path) -> ModelInput:
     if len(tensors) == 1:
         return next(iter(tensors.values()))
     return {key: tensors[key] for key in sorted(tensors)}
+
+
+def _check_npy_size(path: Path) -> None:
+    """Refuse a .npy whose header claims more bytes than the file holds, before numpy allocates
+    them (a header of shape (2**40,) would otherwise ask for terabytes)."""
+    fmt = np.lib.format
+    try:
+        with path.open("rb") as handle:
+            version = fmt.read_magic(handle)
+            if version == (1, 0):
+                shape, _, dtype = fmt.read_array_header_1_0(handle)
+            elif version == (2, 0):
+                shape, _, dtype = fmt.read_array_header_2_0(handle)
+            else:  # 3.0 (UTF-8 field names): no public reader
+                read = getattr(fmt, "_read_array_header", None)
+                if read is None:
+                    from numpy.lib._format_impl import _read_array_header as read
+                shape, _, dtype = read(handle, version)
+            start = handle.tell()
+    except (ValueError, OSError, EOFError, SyntaxError, TypeError, MemoryError, tokenize.TokenError) as exc:
+        raise DataLoadError(f"cannot read {path} as a .npy array: its header is damaged "
+                            f"({str(exc)[:200] or type(exc).__name__}); save it again with np.save") from None
+    if dtype.hasobject:
+        return  # pickled: np.load refuses it below, with its own message
+    claimed = math.prod(shape) * dtype.itemsize
+    available = path.stat().st_size - start
+    if claimed > available:
+        raise DataLoadError(f"{path}: its .npy header claims a {dtype} array of shape {shape} "
+                            f"({claimed} bytes) but the file holds {available}: truncated or damaged")
 
 
 def _add_batch_dim(item: ModelInput, model_info: Any, path: Path) -> ModelInput:

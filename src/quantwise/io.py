@@ -218,7 +218,11 @@ def load(folder: str | Path, model: nn.Module | None = None, fuse: bool = True,
         except AttributeError:
             raise CheckpointError(f"checkpoint layer {name!r} does not exist in the given model: "
                                   "pass the float model the checkpoint was made from") from None
-        layer = QuantizedLayer.from_meta(layer_meta)
+        try:
+            layer = QuantizedLayer.from_meta(layer_meta)
+        except (TypeError, ValueError, KeyError, RuntimeError) as exc:
+            raise CheckpointError(f"{folder / META_FILE}: layer {name!r} cannot be rebuilt ({exc}); "
+                                  "the checkpoint is damaged or was edited") from None
         layer.qname = name
         layers[name] = layer
         qmodel.set_submodule(name, layer)
@@ -230,8 +234,13 @@ def load(folder: str | Path, model: nn.Module | None = None, fuse: bool = True,
     if empty:
         _check_filled(qmodel, folder)
     lean = _needs_lean_kernels(layers, folder, max_memory)
-    for layer in layers.values():
-        layer.build_kernel(lean=lean)
+    for name, layer in layers.items():
+        try:
+            layer.build_kernel(lean=lean)
+        except (TypeError, ValueError, RuntimeError) as exc:  # values verify could not judge
+            raise CheckpointError(f"{folder}: layer {name!r}: no kernel can be built from its "
+                                  f"tensors and quantwise.json entry ({exc}); the checkpoint is "
+                                  "damaged or was edited") from None
     records = {r["name"]: LayerRecord(**r) for r in meta["records"]}
     for name, layer in layers.items():
         records[name].kernel = layer.kernel_name
@@ -335,4 +344,16 @@ def _check_filled(model: nn.Module, folder: Path) -> None:
 def _model_from_source(source: str | None) -> nn.Module:
     if not source:
         raise CheckpointError("this checkpoint records no source model: pass model=<the float model>")
+    refuse_code_source(source)
     return load_model(source)[0]
+
+
+def refuse_code_source(source: str) -> None:
+    """A checkpoint's recorded source is data from a file: a built-in name or a folder is
+    rebuilt from it, but a `module:function` would import and run code a downloaded checkpoint
+    names, so the caller must name that function itself."""
+    if source not in BUILTIN_MODELS and ":" in source and not Path(source).exists():
+        raise CheckpointError(f"this checkpoint records its source model as {source!r}, a Python "
+                              "function: quantwise does not run code a checkpoint names; pass "
+                              f"model={source.split(':')[-1]}() in Python, or --model {source} on "
+                              "the command line if you trust it")

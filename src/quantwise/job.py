@@ -18,7 +18,7 @@ from quantwise.errors import CalibrationError, CheckpointError, OutputPathError
 from quantwise.data import corpus_split, load_calibration_data
 from quantwise.evaluate import (EvalResult, evaluate, float_checkpoint_bytes, folder_bytes,
                                 median_latency_ms)
-from quantwise.io import check_output_dir, load, read_metadata, save
+from quantwise.io import check_output_dir, load, read_metadata, refuse_code_source, save
 from quantwise.plan import Plan, plan
 from quantwise.report.collect import layer_stats
 from quantwise.sensitivity import SensitivityReport, sensitivity
@@ -274,6 +274,8 @@ def _reload(folder: Path, model_ref: str | None, log: Callable[[str], None]
     if not ref:
         raise CheckpointError(f"{folder} records no source model: pass --model (a built-in name, a "
                               "Hugging Face folder, or package.module:function)")
+    if model_ref is None:
+        refuse_code_source(ref)
     log(f"loading float model {ref!r} and {folder}")
     model, info = load_model(ref)
     # a self-contained folder rebuilds without a copy of the float model (io.load): the float

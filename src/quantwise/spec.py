@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Union
@@ -85,6 +86,9 @@ class PerChannel:
 
     axis: int = 0
 
+    def __post_init__(self) -> None:
+        _check_int(self.axis, "per_channel axis")
+
     def to_dict(self) -> dict[str, Any]:
         return {"type": "per_channel", "axis": self.axis}
 
@@ -104,11 +108,22 @@ class PerGroup:
     size: int = 128
 
     def __post_init__(self) -> None:
+        _check_int(self.size, "group size")
         if self.size < 1:
             raise ConfigError(f"group size must be positive, got {self.size}")
 
     def to_dict(self) -> dict[str, Any]:
         return {"type": "per_group", "size": self.size}
+
+
+def _check_int(value: Any, what: str) -> None:
+    """An integer (not a bool, a float or a string from a hand-edited file): ConfigError."""
+    try:
+        ok = not isinstance(value, bool) and operator.index(value) is not None  # numpy ints too
+    except TypeError:
+        ok = False
+    if not ok:
+        raise ConfigError(f"{what} must be an integer, got {value!r}")
 
 
 Granularity = Union[PerTensor, PerChannel, PerToken, PerGroup]
@@ -125,7 +140,7 @@ def granularity_from(value: "Granularity | dict | str") -> Granularity:
     if not isinstance(value, dict) or "type" not in value:
         raise ConfigError(f"granularity must be a name or a dict with 'type', got {value!r}")
     kind = value["type"]
-    if kind not in _GRANULARITIES:
+    if not isinstance(kind, str) or kind not in _GRANULARITIES:
         raise ConfigError(f"unknown granularity {kind!r}; valid: {', '.join(_GRANULARITIES)}")
     args = {k: v for k, v in value.items() if k != "type"}
     try:
@@ -173,8 +188,14 @@ class QuantSpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "QuantSpec":
+        if not isinstance(data, dict):
+            raise ConfigError(f"a quantization spec must be a mapping (format, symmetric, "
+                              f"narrow_range, granularity), got {data!r}")
         allowed = {"format", "symmetric", "narrow_range", "granularity"}
         unknown = set(data) - allowed
         if unknown:
-            raise ConfigError(f"unknown spec keys {sorted(unknown)}; valid keys: {sorted(allowed)}")
+            raise ConfigError(f"unknown spec keys {sorted(unknown, key=str)}; valid keys: {sorted(allowed)}")
+        for key in ("symmetric", "narrow_range"):  # "no" or 0 from a file would be truthy / falsy
+            if key in data and not isinstance(data[key], bool):
+                raise ConfigError(f"spec {key} must be true or false, got {data[key]!r}")
         return cls(**data)

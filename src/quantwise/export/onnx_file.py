@@ -40,7 +40,12 @@ def open_onnx(path: str | os.PathLike) -> Any:
     folder = path.resolve().parent
     for tensor in _get_all_tensors(proto):  # before the checker, which opens those files
         if uses_external_data(tensor):
-            _check_external(path, folder, tensor.name, ExternalDataInfo(tensor))
+            try:
+                info = ExternalDataInfo(tensor)
+            except ValueError as exc:  # an offset / length that is no integer, or negative
+                raise CheckpointError(f"{path}: tensor {tensor.name!r} has malformed external "
+                                      f"data ({exc}): re-export the model") from None
+            _check_external(path, folder, tensor.name, info)
     try:
         onnx.checker.check_model(proto)
     except Exception as exc:  # noqa: BLE001 - ValidationError: a parse that is no model
@@ -64,7 +69,7 @@ def _check_external(path: Path, folder: Path, name: str, info: Any) -> None:
     target = folder / location
     try:
         resolved = target.resolve(strict=True)
-    except (OSError, RuntimeError):
+    except (OSError, RuntimeError, ValueError):  # ValueError: a NUL byte in the location
         raise CheckpointError(f"{where}, which does not exist: copy the data file beside the "
                               ".onnx file") from None
     if not resolved.is_relative_to(folder) or not resolved.is_file():

@@ -22,9 +22,9 @@ def read_quantwise_json(folder: str | Path, hint: str = "pass a folder written b
     if not folder.is_dir() or not path.is_file():
         raise error(f"{folder} is not a quantwise checkpoint (no {META_FILE}): {hint}")
     try:
-        meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
-        raise error(f"{path} is not valid JSON ({exc})") from None
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError, RecursionError) as exc:  # RecursionError: "[[[[..." nested deep
+        raise error(f"{path} is not valid JSON ({str(exc)[:200] or type(exc).__name__})") from None
     if not isinstance(meta, dict) or meta.get("format") != "quantwise":
         raise error(f"{path} is not a quantwise metadata file: {hint}")
     if meta.get("format_version") != FORMAT_VERSION:

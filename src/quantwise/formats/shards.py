@@ -30,7 +30,8 @@ from quantwise.errors import CheckpointError, ModelLoadError
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
-MAX_HEADER = 100 * 2 ** 20  # a header past 100 MB is not a checkpoint's: never allocate it
+MAX_HEADER = 100_000_000  # safetensors' own limit: a larger header is never read (nor allocated)
+MAX_DIM = 2 ** 64 - 1  # safetensors' shapes are u64, their element count too
 ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8,
             "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1, "U16": 2, "U32": 4, "U64": 8}
 FLOAT_DTYPES = {"F32", "F16", "BF16"}
@@ -108,12 +109,17 @@ class ShardedCheckpoint:
         info = self.tensors.get(name)
         if info is None:
             raise CheckpointError(f"{self.folder}: no tensor {name!r} in the checkpoint")
-        handle = self._handles.get(info.shard)
-        if handle is None:
-            from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
-            handle = self._handles[info.shard] = safe_open(str(info.shard), framework="pt")
-        tensor = handle.get_tensor(name)
+        try:
+            handle = self._handles.get(info.shard)
+            if handle is None:
+                handle = self._handles[info.shard] = safe_open(str(info.shard), framework="pt")
+            tensor = handle.get_tensor(name)
+        except (SafetensorError, OSError, RuntimeError, TypeError) as exc:
+            # the file changed since open() checked it, or a dtype this torch cannot hold
+            raise CheckpointError(f"{info.shard}: tensor {name!r} cannot be read ({exc}); the "
+                                  "file is damaged: download or save it again") from None
         return tensor if dtype is None else tensor.to(dtype)
 
     def close(self) -> None:
@@ -152,15 +158,17 @@ def llama_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     the block index); empty for other architectures (nothing is checked for them)."""
     if config.get("model_type") not in ("llama", "mistral", "qwen2"):
         return {}
-    try:
-        h, inter = int(config["hidden_size"]), int(config["intermediate_size"])
-        heads = int(config["num_attention_heads"])
-        kv = int(config.get("num_key_value_heads") or heads)
-        hd = int(config.get("head_dim") or h // heads)
-        vocab = int(config["vocab_size"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"config.json lacks a usable {exc} for a {config.get('model_type')} "
-                              "model") from None
+    def size(key: str, default: Any = None) -> int:
+        value = config.get(key) or default
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise CheckpointError(f"config.json's {key} is {config.get(key)!r}, not a positive "
+                                  f"integer, for a {config.get('model_type')} model")
+        return value
+
+    h, inter, heads = size("hidden_size"), size("intermediate_size"), size("num_attention_heads")
+    kv = size("num_key_value_heads", heads)
+    hd = size("head_dim", h // heads)
+    vocab = size("vocab_size")
     block = "model.layers.*."
     return {"model.embed_tokens.weight": (vocab, h), "lm_head.weight": (vocab, h),
             "model.norm.weight": (h,),
@@ -184,7 +192,7 @@ def _matches(name: str, pattern: str) -> bool:
 def _read_index(index: Path) -> dict[str, str]:
     try:
         data = json.loads(index.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise CheckpointError(f"{index}: not a readable JSON index ({exc}); re-save the model "
                               "with save_pretrained") from None
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
@@ -218,6 +226,10 @@ def _inside(folder: Path, name: str, index: Path) -> Path:
 
 
 def _read_header(path: Path) -> list[TensorInfo]:
+    """The tensors of a safetensors file, from its header alone, refused on anything the
+    safetensors reader itself would refuse later (so a file that opens here also reads): the
+    length prefix, UTF-8 JSON object, entries, offsets contiguous from 0 and the data ending
+    exactly at the end of the file."""
     size = path.stat().st_size
     if size == 0:
         raise CheckpointError(f"{path}: the file is empty (an interrupted download or copy?)")
@@ -226,37 +238,71 @@ def _read_header(path: Path) -> list[TensorInfo]:
         if len(head) < 8:
             raise CheckpointError(f"{path}: {size} bytes, too short for a safetensors header")
         (n,) = struct.unpack("<Q", head)
-        if n > MAX_HEADER or 8 + n > size:
+        if n > MAX_HEADER or 8 + n > size:  # checked before the read: never allocate n bytes
             raise CheckpointError(f"{path}: not a safetensors file, or truncated (its header "
                                   f"claims {n} bytes; the file has {size})")
-        try:
-            header = json.loads(handle.read(n))
-        except (UnicodeDecodeError, ValueError) as exc:
-            raise CheckpointError(f"{path}: the safetensors header is not valid JSON ({exc})") from None
+        raw = handle.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8")) if raw[:1] == b"{" else None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise CheckpointError(f"{path}: the safetensors header is not valid JSON "
+                              f"({str(exc)[:200] or type(exc).__name__})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: the safetensors header is not a JSON object")
-    infos, end = [], 0
+    meta = header.get("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise CheckpointError(f"{path}: the safetensors header's __metadata__ is not a mapping "
+                              "of strings")
+    infos, spans = [], []
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        try:
-            dtype, shape, (lo, hi) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
-            ok = (dtype in ITEMSIZE and all(isinstance(d, int) and d >= 0 for d in shape)
-                  and isinstance(lo, int) and isinstance(hi, int) and 0 <= lo <= hi)
-        except (KeyError, TypeError, ValueError):
-            ok = False
-        if not ok:
-            raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry {entry!r}")
-        info = TensorInfo(name, path, dtype, shape)
-        if hi - lo != info.nbytes:
-            raise CheckpointError(f"{path}: tensor {name!r} ({dtype} {list(shape)}) should take "
-                                  f"{info.nbytes} bytes; its header gives {hi - lo}")
-        end = max(end, hi)
+        info, lo, hi = _entry(path, name, entry)
         infos.append(info)
-    if 8 + n + end > size:
-        raise CheckpointError(f"{path}: truncated: its header promises {8 + n + end} bytes, the "
+        spans.append((lo, hi, name))
+    last = max((hi for _, hi, _ in spans), default=0)
+    if 8 + n + last > size:  # first: a tensor past the end is the commonest damage (a cut copy)
+        raise CheckpointError(f"{path}: truncated: its header promises {8 + n + last} bytes, the "
                               f"file has {size} (an interrupted download or copy?)")
+    end = 0
+    for lo, hi, name in sorted(spans):
+        if lo != end:
+            raise CheckpointError(f"{path}: tensor {name!r} starts at byte {lo} of the data, not "
+                                  f"at {end} where the previous tensor ends (overlapping or "
+                                  "gapped offsets): not a file safetensors wrote")
+        end = hi
+    if 8 + n + end != size:
+        raise CheckpointError(f"{path}: has trailing bytes: its header accounts for {8 + n + end} "
+                              f"bytes, the file has {size}; not a file safetensors wrote")
     return infos
+
+
+def _entry(path: Path, name: str, entry: Any) -> tuple[TensorInfo, int, int]:
+    """One header entry checked: a known dtype, a shape of u64 dims, two offsets that span
+    exactly the tensor's bytes."""
+    def count(shape: tuple) -> int:  # as safetensors: the element count may not overflow u64
+        total = 1
+        for d in shape:
+            total *= d
+            if total > MAX_DIM:
+                raise ValueError
+        return total
+
+    try:
+        dtype, shape, (lo, hi) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+        ok = (isinstance(dtype, str) and dtype in ITEMSIZE
+              and all(type(d) is int and 0 <= d <= MAX_DIM for d in shape)
+              and type(lo) is int and type(hi) is int and 0 <= lo <= hi and count(shape) >= 0)
+    except (KeyError, TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry "
+                              f"{str(entry)[:200]}: re-save the model")
+    info = TensorInfo(name, path, dtype, shape)
+    if hi - lo != info.nbytes:
+        raise CheckpointError(f"{path}: tensor {name!r} ({dtype} {list(shape)}) should take "
+                              f"{info.nbytes} bytes; its header gives {hi - lo}")
+    return info, lo, hi
 
 
 def shard_file_names(count: int) -> list[str]:

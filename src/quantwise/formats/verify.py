@@ -21,6 +21,9 @@ from quantwise.spec import Format, PerChannel, PerGroup, PerTensor, QuantSpec
 
 KINDS = ("linear", "conv", "conv_transpose", "embedding")  # modules/layers.py kind_of
 _PACKED = (Format.INT4, Format.UINT4)
+# modules/layers.py conv_args: what make_conv_kernel takes; linear / embedding take none
+_CONV_ARGS = {"stride", "padding", "dilation", "groups", "transposed", "output_padding"}
+_LAYER_ARGS = {"conv": _CONV_ARGS, "conv_transpose": _CONV_ARGS}
 _RECORD_KEYS = {"name", "module_type", "status", "config", "origin", "calibrator", "kernel",
                 "reason", "seen", "nonfinite", "code_limit"}
 _REDO = "the checkpoint is damaged or was edited: quantize the float model again"
@@ -86,6 +89,15 @@ def _check_layer_entry(name: str, entry: Any, path: Path) -> None:
             raise CheckpointError(f"{where}: {key} {dims!r} is not a list of sizes; {_REDO}")
     if not entry["weight_shape"]:
         raise CheckpointError(f"{where}: weight_shape is empty; {_REDO}")
+    for key in ("act_spec", "bias_size"):  # may be null, never absent
+        if key not in entry:
+            raise CheckpointError(f"{where}: \"{key}\" missing; {_REDO}")
+    allowed = _LAYER_ARGS.get(entry["kind"], set())
+    args = entry["layer_args"]
+    if set(args) - allowed or (entry["kind"] in ("conv", "conv_transpose") and
+                               not {"stride", "padding", "dilation", "groups"} <= set(args)):
+        raise CheckpointError(f"{where}: layer_args keys {sorted(args)} are not those of a "
+                              f"{entry['kind']} layer ({sorted(allowed) or 'none'}); {_REDO}")
     bias = entry.get("bias_size")
     if bias is not None and (type(bias) is not int or not 0 < bias < 2 ** 40):
         raise CheckpointError(f"{where}: bias_size {bias!r} is not a positive integer or null; {_REDO}")

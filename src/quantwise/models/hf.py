@@ -56,7 +56,8 @@ def model_class(config: Any) -> Any:
     import transformers
 
     names = getattr(config, "architectures", None) or []
-    cls = getattr(transformers, names[0], None) if names else None
+    first = names[0] if isinstance(names, (list, tuple)) and names else None
+    cls = getattr(transformers, first, None) if isinstance(first, str) else None
     return cls if cls is not None else transformers.AutoModel
 
 

@@ -136,10 +136,18 @@ def _auto_model(path: Path, sentence: bool = False, from_pickle: bool = False) -
             dtype=torch.float32)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelLoadError(f"cannot load Hugging Face model from {path}: {exc}") from exc
-    except pickle.UnpicklingError as exc:  # torch's weights_only loader refused the pickle
-        first = str(exc).splitlines()[0][:200]
+    except (TypeError, AttributeError, RecursionError) as exc:  # a config.json transformers chokes on
+        raise ModelLoadError(f"cannot load Hugging Face model from {path}: its config.json is not "
+                             f"one transformers can build ({type(exc).__name__}: {exc})") from None
+    except Exception as exc:
+        if type(exc).__name__.endswith("ValidationError"):  # huggingface_hub's strict dataclasses
+            raise ModelLoadError(f"cannot load Hugging Face model from {path}: config.json has an "
+                                 f"invalid field ({str(exc).splitlines()[0][:300]})") from None
+        if not isinstance(exc, pickle.UnpicklingError):
+            raise
         raise ModelLoadError(f"cannot load the pickled weights of {path}: torch's weights_only "
-                             f"loader refused them ({first}); they hold more than tensors") from None
+                             f"loader refused them ({str(exc).splitlines()[0][:200]}); they hold "
+                             "more than tensors") from None
     finally:
         if not bars_were_off:
             hf_logging.enable_progress_bar()
