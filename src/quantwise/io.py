@@ -13,8 +13,6 @@ import copy
 import json
 import os
 import platform
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +24,7 @@ from torch import nn
 from quantwise._version import __version__
 from quantwise.config import Config
 from quantwise.errors import CheckpointError, OutputPathError, QuantwiseError
-from quantwise.fileio import atomic_write_bytes, atomic_write_text, current_umask, swap_in
+from quantwise.fileio import atomic_write_bytes, atomic_write_text, current_umask, staged_folder, write_failure
 from quantwise.fold import fold_conv_bn
 from quantwise.formats.metadata import FORMAT_VERSION, META_FILE, read_quantwise_json
 from quantwise.formats.shards import INDEX, ShardedCheckpoint, write_shards
@@ -83,22 +81,14 @@ def save(model: nn.Module, folder: str | Path, overwrite: bool = False,
     if state.stage != "converted":
         raise CheckpointError("only a converted model can be saved: call quantwise.convert() first")
     folder = check_output_dir(folder, overwrite)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    staging.chmod(0o777 & ~current_umask())  # mkdtemp makes it private; the output is an ordinary folder
     try:
-        _write_weights(model, staging, shard_bytes)
-        atomic_write_text(staging / META_FILE, json.dumps(_metadata(model, state), separators=(",", ":")))
-        _copy_hf_files(state, staging)
-        swap_in(staging, folder)
-    except OSError as exc:  # disk full, quota, I/O error: nothing half-written, say so
-        shutil.rmtree(staging, ignore_errors=True)
-        raise OutputPathError(f"writing {folder} failed ({exc.strerror or exc}); "
-                              f"{'its previous content is unchanged' if folder.exists() else 'nothing was written'}"
-                              ": free some space or choose another --out folder") from exc
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        with staged_folder(folder) as staging:  # holds folder's lock; swapped in whole, or removed
+            check_output_dir(folder, overwrite)  # again under the lock: no writer in between
+            _write_weights(model, staging, shard_bytes)
+            atomic_write_text(staging / META_FILE, json.dumps(_metadata(model, state), separators=(",", ":")))
+            _copy_hf_files(state, staging)
+    except (OSError, safetensors.SafetensorError) as exc:  # disk full, quota, I/O error
+        raise write_failure(exc, folder) from exc
     return folder
 
 

@@ -13,6 +13,8 @@ qat.py), distillation from the fp32 model. Per built-in model:
 Every epoch a checkpoint (model and optimizer tensors in safetensors, the rest in JSON: no
 pickle) goes to OUT/qat-checkpoint; `--resume` continues from it bit for bit. At the end the
 model is converted to real kernels, saved to OUT, and PTQ and QAT are measured side by side.
+Both are swapped in whole (fileio.staged_folder): a kill at any point leaves the previous
+checkpoint resumable; the job holds OUT's lock, so a second job on OUT fails at once.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import safetensors
 import safetensors.torch
 import torch
 import torch.nn.functional as F
@@ -34,7 +37,7 @@ from tqdm import tqdm
 from quantwise.config import Config
 from quantwise.errors import CheckpointError, ConfigError
 from quantwise.evaluate import evaluate
-from quantwise.fileio import atomic_write_text
+from quantwise.fileio import atomic_write_text, output_lock, staged_folder, write_failure
 from quantwise.io import check_output_dir, save
 from quantwise.job import eval_batches
 from quantwise.models.registry import load_model
@@ -125,12 +128,18 @@ def run_qat_job(model_ref: str = "digits", config: str = "w4a4", out: str | Path
         raise ConfigError(f"freeze_bn_at is a fraction of the training steps (0 to 1), "
                           f"not {recipe['freeze_bn_at']}")
     out = Path(out) if out else Path("quantwise-out") / f"{model_ref}-{cfg.name or 'custom'}-qat"
+    if not resume:
+        check_output_dir(out, overwrite)  # before the lock: its clear messages come first
+    with output_lock(out):
+        return _run(model_ref, cfg, recipe, out, resume, seed, progress, log, limit_batches)
+
+
+def _run(model_ref: str, cfg: Config, recipe: dict[str, Any], out: Path, resume: bool, seed: int,
+         progress: bool, log: Callable[[str], None], limit_batches: int | None) -> QatReport:
     ckpt = out / CHECKPOINT
     if resume:
         if not (ckpt / "state.json").is_file():
             raise CheckpointError(f"--resume: no checkpoint in {ckpt}; run without --resume first")
-    else:
-        check_output_dir(out, overwrite)
     model, info = load_model(model_ref)
     batches, loss_fn = _training_data(model_ref, recipe["batch_size"])
     batches = batches[:limit_batches] if limit_batches else batches
@@ -191,20 +200,25 @@ def run_qat_job(model_ref: str = "digits", config: str = "w4a4", out: str | Path
 
     qmodel = convert(qat)
     qat_score = evaluate(qmodel, evals, metric, reference=reference).value
-    staged = save(qmodel, out.with_name(out.name + ".final"), overwrite=True)
-    shutil.copytree(ckpt, staged / CHECKPOINT)
-    shutil.rmtree(out, ignore_errors=True)
-    staged.rename(out)
+    with staged_folder(out) as staging:  # the model and its last checkpoint replace OUT in one step
+        save(qmodel, staging, overwrite=True)
+        shutil.copytree(ckpt, staging / CHECKPOINT)
     return QatReport(model_ref, cfg.name or "custom", out, metric, fp32_score, ptq_score, qat_score,
                      recipe["epochs"], total, losses, start, freeze_step if has_bn else None)
 
 
 def _save_checkpoint(folder: Path, model: nn.Module, opt: torch.optim.Optimizer, sched: Any,
                      epoch: int, losses: list[float]) -> None:
-    """model + optimizer tensors (safetensors) and the rest (JSON), written beside then swapped."""
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    """model + optimizer tensors (safetensors) and the rest (JSON), staged then swapped in."""
+    try:
+        with staged_folder(folder) as tmp:
+            _write_checkpoint(tmp, model, opt, sched, epoch, losses)
+    except (OSError, safetensors.SafetensorError) as exc:  # a full disk: the last one stays
+        raise write_failure(exc, folder) from exc
+
+
+def _write_checkpoint(tmp: Path, model: nn.Module, opt: torch.optim.Optimizer, sched: Any,
+                      epoch: int, losses: list[float]) -> None:
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     safetensors.torch.save_file(state, str(tmp / "model.safetensors"))
     opt_state = opt.state_dict()
@@ -219,8 +233,6 @@ def _save_checkpoint(folder: Path, model: nn.Module, opt: torch.optim.Optimizer,
     atomic_write_text(tmp / "state.json", json.dumps({
         "epoch": epoch, "losses": losses, "optimizer_plain": plain,
         "param_groups": opt_state["param_groups"], "scheduler": sched.state_dict()}, default=str))
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
 
 
 def _load_checkpoint(folder: Path, model: nn.Module, opt: torch.optim.Optimizer, sched: Any

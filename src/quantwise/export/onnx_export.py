@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ from quantwise.errors import ModelLoadError, OutputPathError
 from quantwise.export import ops
 from quantwise.export.ort_exactness import choose_weight_dtype
 from quantwise.export.twin import LayerTwin, build_twin, layer_count
+from quantwise.fileio import new_staging, output_lock, write_failure
 from quantwise.modules import QuantizedLayer
 
 TWO_GB = 2 ** 31
@@ -120,6 +120,12 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
     if layer_count(model) == 0:
         raise ModelLoadError("the model has no quantized layer: quantize it first "
                              "(quantwise.quantize) or export the float model with torch.onnx.export")
+    with output_lock(path):  # a second export to the same file fails at once, clearly
+        return _export_to(model, example_inputs, path, opset, dynamic, weight_dtype)
+
+
+def _export_to(model: nn.Module, example_inputs: Any, path: Path, opset: int, dynamic: bool,
+               weight_dtype: str) -> ExportResult:
     args, kwargs = _as_call(example_inputs)
     unsigned, runtime_note = choose_weight_dtype(model, weight_dtype)
     twin, paths, notes = build_twin(model)
@@ -188,8 +194,9 @@ def _layer_outputs(model, paths: dict[str, str]) -> dict[str, str]:
 
 
 def _save(program, path: Path) -> bool:
-    """Write to a temporary folder beside `path`, check, then move into place."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    """Write into a staging folder beside `path` (named for fileio's clean-up of what a killed
+    writer leaves), check, then move into place with one rename. Called holding the lock."""
+    tmp = new_staging(path)
     try:
         target = tmp / path.name
         proto = program.model_proto
@@ -202,6 +209,8 @@ def _save(program, path: Path) -> bool:
             os.replace(data, path.with_name(data.name))
         os.replace(target, path)
         return external
+    except OSError as exc:  # a full disk: the previous file is unchanged
+        raise write_failure(exc, path) from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

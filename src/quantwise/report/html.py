@@ -15,6 +15,8 @@ from typing import Any
 from quantwise.report import plots
 
 CSS = """
+*{box-sizing:border-box}
+summary,p,li,h1,h2,h3,code{overflow-wrap:anywhere}
 body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;color:#222;background:#fafafa}
 main{max-width:1100px;margin:0 auto;padding:12px 16px 48px}
 h1{font-size:22px;margin:12px 0 4px}h2{font-size:18px;margin:28px 0 8px;border-bottom:1px solid #ddd}
@@ -25,7 +27,7 @@ th,td{border:1px solid #e2e2e2;padding:3px 7px;text-align:left;vertical-align:to
 th{background:#f0f0f0;cursor:pointer;white-space:nowrap}td.num{text-align:right;white-space:nowrap}
 td.kernel{max-width:380px;font-size:12px;color:#444}
 .plots{display:grid;grid-template-columns:repeat(auto-fit,minmax(min(100%,440px),1fr));gap:8px}
-svg.plot{width:100%;height:auto;background:#fff;border:1px solid #eee}
+svg.plot{width:100%;height:auto;min-width:0;background:#fff;border:1px solid #eee}
 .note{color:#7a4b00}.muted{color:#777}details{margin:6px 0}summary{cursor:pointer;font-weight:600}
 """
 
