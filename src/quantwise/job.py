@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from quantwise.config import Config
-from quantwise.errors import CalibrationError, CheckpointError, OutputPathError
+from quantwise.errors import CalibrationError, CheckpointError, EvaluationError, OutputPathError
 from quantwise.data import corpus_split, load_calibration_data
 from quantwise.evaluate import (EvalResult, evaluate, float_checkpoint_bytes, folder_bytes,
                                 median_latency_ms)
@@ -290,10 +290,15 @@ def _measure(model: nn.Module, qmodel: nn.Module, info: ModelInfo, name: str, fo
     batches, metric = evals
     reference = model if metric == "cosine" else None
     sample = batches[0][0] if metric == "top1" else batches[0]
-    before = Measured("fp32", float_checkpoint_bytes(model), median_latency_ms(model, sample),
-                      evaluate(model, batches, metric, reference=reference))
-    after = Measured(name, folder_bytes(folder), median_latency_ms(qmodel, sample),
-                     evaluate(qmodel, batches, metric, reference=reference))
+    try:
+        before = Measured("fp32", float_checkpoint_bytes(model), median_latency_ms(model, sample),
+                          evaluate(model, batches, metric, reference=reference))
+        after = Measured(name, folder_bytes(folder), median_latency_ms(qmodel, sample),
+                         evaluate(qmodel, batches, metric, reference=reference))
+    except (RuntimeError, TypeError, ValueError, IndexError) as exc:  # the model refused the data
+        first = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+        raise EvaluationError(f"running the model on its evaluation data failed ({first}): pass "
+                              "--data whose tensors fit the model's inputs") from None
     return JobReport(info.name, name, folder, torch.get_num_threads(), before, after, summary(qmodel))
 
 

@@ -94,12 +94,17 @@ def skeleton_from_folder(folder: str | Path, empty: bool = False) -> nn.Module:
     folder = Path(folder)
     try:
         config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"cannot read {folder / 'config.json'} ({exc})") from None
+    except Exception as exc:  # noqa: BLE001 - transformers' errors on a config it cannot read
+        raise CheckpointError(f"cannot read {folder / 'config.json'} ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0][:300] if str(exc) else ''})") from None
     sentence = (folder / "modules.json").is_file()
     cls = AutoModel if sentence else model_class(config)
-    model = (cls.from_config(config, attn_implementation="eager") if cls is AutoModel
-             else cls._from_config(config, attn_implementation="eager"))
+    try:
+        model = (cls.from_config(config, attn_implementation="eager") if cls is AutoModel
+                 else cls._from_config(config, attn_implementation="eager"))
+    except Exception as exc:  # noqa: BLE001 - a config transformers cannot build a model from
+        raise CheckpointError(f"{folder}: transformers cannot build a model from its config.json "
+                              f"({type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''})") from None
     if sentence:
         from quantwise.models.minilm import SentenceEmbedder, _wants_normalize
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -108,10 +109,31 @@ def _check_shards(path: Path) -> None:
     checkpoint = ShardedCheckpoint.open(path, allow_non_float=True)  # e.g. BERT's int64 position ids
     try:
         config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise ModelLoadError(f"{path / 'config.json'}: not readable JSON ({exc})") from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ModelLoadError(f"{path / 'config.json'}: not readable JSON ({type(exc).__name__}: "
+                             f"{str(exc)[:200]})") from None
     if isinstance(config, dict):
         checkpoint.check_config(config)
+        _check_depth(config, checkpoint.names(), path)
+
+
+_BLOCK = re.compile(r"(?:^|\.)(?:layer|layers|h|block|blocks)\.(\d+)\.")
+
+
+def _check_depth(config: dict, names: list[str], path: Path) -> None:
+    """config.json's layer count against the blocks the weights hold: transformers would
+    otherwise build 2**64 layers (a hang) or random ones for a count the weights lack."""
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        count = config.get(key)
+        if count is None:
+            continue
+        if type(count) is not int or not 0 < count <= 100_000:
+            raise ModelLoadError(f"{path / 'config.json'}: {key} {count!r} is not a layer count")
+        found = {int(m.group(1)) for n in names for m in _BLOCK.finditer(n)}
+        if found and count > max(found) + 1:
+            raise ModelLoadError(f"{path / 'config.json'}: {key} is {count} but the weights hold "
+                                 f"blocks 0..{max(found)}; the config and weights are from "
+                                 "different models")
 
 
 def _auto_model(path: Path, sentence: bool = False, from_pickle: bool = False) -> nn.Module:
@@ -136,18 +158,14 @@ def _auto_model(path: Path, sentence: bool = False, from_pickle: bool = False) -
             dtype=torch.float32)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelLoadError(f"cannot load Hugging Face model from {path}: {exc}") from exc
-    except (TypeError, AttributeError, RecursionError) as exc:  # a config.json transformers chokes on
-        raise ModelLoadError(f"cannot load Hugging Face model from {path}: its config.json is not "
-                             f"one transformers can build ({type(exc).__name__}: {exc})") from None
-    except Exception as exc:
-        if type(exc).__name__.endswith("ValidationError"):  # huggingface_hub's strict dataclasses
-            raise ModelLoadError(f"cannot load Hugging Face model from {path}: config.json has an "
-                                 f"invalid field ({str(exc).splitlines()[0][:300]})") from None
-        if not isinstance(exc, pickle.UnpicklingError):
-            raise
-        raise ModelLoadError(f"cannot load the pickled weights of {path}: torch's weights_only "
-                             f"loader refused them ({str(exc).splitlines()[0][:200]}); they hold "
-                             "more than tensors") from None
+    except Exception as exc:  # noqa: BLE001 - transformers' own errors on a folder it cannot build
+        first = str(exc).splitlines()[0][:300] if str(exc) else ""
+        if isinstance(exc, pickle.UnpicklingError):
+            raise ModelLoadError(f"cannot load the pickled weights of {path}: torch's weights_only "
+                                 f"loader refused them ({first}); they hold more than tensors") from None
+        raise ModelLoadError(f"cannot load Hugging Face model from {path}: transformers could not "
+                             f"build it from its config.json and weights ({type(exc).__name__}: "
+                             f"{first})") from None
     finally:
         if not bars_were_off:
             hf_logging.enable_progress_bar()

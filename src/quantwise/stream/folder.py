@@ -29,14 +29,19 @@ def meta_skeleton(folder: Path) -> nn.Module:
 
     try:
         config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"cannot read {folder / 'config.json'} ({exc})") from None
+    except Exception as exc:  # noqa: BLE001 - transformers' errors on a config it cannot read
+        raise ModelLoadError(f"cannot read {folder / 'config.json'} ({type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0][:300] if str(exc) else ''})") from None
     cls = model_class(config)
     if not hasattr(cls, "_from_config"):
         raise ModelLoadError(f"{folder}: config.json names no transformers model class "
                              "(\"architectures\"); streaming needs e.g. LlamaForCausalLM")
-    with torch.device("meta"):
-        model = cls._from_config(config, attn_implementation="eager", dtype=torch.float32)
+    try:
+        with torch.device("meta"):
+            model = cls._from_config(config, attn_implementation="eager", dtype=torch.float32)
+    except Exception as exc:  # noqa: BLE001 - a config transformers cannot build a model from
+        raise ModelLoadError(f"{folder}: transformers cannot build a model from its config.json "
+                             f"({type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''})") from None
     if (folder / "modules.json").is_file():  # sentence-transformers: as io.load rebuilds it
         from quantwise.models.minilm import SentenceEmbedder, _wants_normalize
 
