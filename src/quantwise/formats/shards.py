@@ -128,6 +128,9 @@ class ShardedCheckpoint:
     def check_config(self, config: dict[str, Any], config_path: Optional[Path] = None) -> None:
         """Shapes (and the projection dtypes) of Llama-family weights against config.json."""
         where = config_path or self.folder / "config.json"
+        if not isinstance(config, dict):
+            raise CheckpointError(f"{where}: holds {type(config).__name__}, not a JSON object of "
+                                  "model settings: save the folder's config again")
         expected = llama_shapes(config)
         want_dtype = CONFIG_DTYPES.get(str(config.get("torch_dtype", "")))
         for name, info in self.tensors.items():
