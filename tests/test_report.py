@@ -156,6 +156,7 @@ def test_minilm_plan_report_in_chromium(chromium, minilm_plan_report):
     size = minilm_plan_report.stat().st_size
     assert size < 5 * 2 ** 20, size
     doc = read_document(minilm_plan_report)
-    assert doc["result"]["plan"]["front"] and len(doc["layer_stats"]) >= 1
+    assert doc["result"]["plan"]["front"]
+    assert doc["result"]["layers"]["counts"]["quantized"] == len(doc["layer_stats"]) == 40
     assert check_numbers(minilm_plan_report) > 100
     _check_in_browser(minilm_plan_report, browser.artifacts_dir(), "minilm-plan", plots=3)
