@@ -157,6 +157,6 @@ def test_minilm_plan_report_in_chromium(chromium, minilm_plan_report):
     assert size < 5 * 2 ** 20, size
     doc = read_document(minilm_plan_report)
     assert doc["result"]["plan"]["front"]
-    assert doc["result"]["layers"]["counts"]["quantized"] == len(doc["layer_stats"]) == 40
+    assert doc["result"]["layers"]["counts"]["quantized"] == len(doc["layer_stats"]) >= 36  # 40 here
     assert check_numbers(minilm_plan_report) > 100
     _check_in_browser(minilm_plan_report, browser.artifacts_dir(), "minilm-plan", plots=3)
