@@ -36,6 +36,7 @@ from quantwise.methods.smoothquant import prescaled_modules, restore_prescale
 from quantwise.models.hf import hf_files, is_hf_folder, skeleton_from_folder, with_quantization_config
 from quantwise.models.registry import BUILTIN_MODELS, builtin_info, load_model
 from quantwise.modules import QuantizedLayer
+from quantwise.modules.layers import conv_args, float_weight, kind_of
 from quantwise.spec import Format, PerGroup
 from quantwise.state import LayerRecord, QuantState, get_state, set_state
 
@@ -204,10 +205,11 @@ def load(folder: str | Path, model: nn.Module | None = None, fuse: bool = True,
     layers: dict[str, QuantizedLayer] = {}
     for name, layer_meta in meta["layers"].items():
         try:
-            qmodel.get_submodule(name)
+            original = qmodel.get_submodule(name)
         except AttributeError:
             raise CheckpointError(f"checkpoint layer {name!r} does not exist in the given model: "
                                   "pass the float model the checkpoint was made from") from None
+        _check_layer_fits(name, layer_meta, original, folder)
         try:
             layer = QuantizedLayer.from_meta(layer_meta)
         except (TypeError, ValueError, KeyError, RuntimeError) as exc:
@@ -245,6 +247,25 @@ def load(folder: str | Path, model: nn.Module | None = None, fuse: bool = True,
         apply_int8_graph(qmodel, state)
         apply_encoder_fastpath(qmodel, state)
     return qmodel.eval()
+
+
+def _check_layer_fits(name: str, entry: dict[str, Any], module: nn.Module, folder: Path) -> None:
+    """The layer quantwise.json describes is the model's layer at that name: same kind, weight
+    shape and convolution geometry (an edited entry would otherwise run the wrong op)."""
+    kind = kind_of(module)
+    problem = None
+    if kind != entry["kind"]:
+        problem = f"is a {type(module).__name__} in the model, an entry of kind {entry['kind']!r} here"
+    elif tuple(float_weight(module).shape) != tuple(entry["weight_shape"]):
+        problem = (f"has weight shape {list(float_weight(module).shape)} in the model, "
+                   f"{entry['weight_shape']} here")
+    elif kind in ("conv", "conv_transpose"):
+        stored = {k: tuple(v) if isinstance(v, list) else v for k, v in entry["layer_args"].items()}
+        if stored != conv_args(module):
+            problem = f"has geometry {conv_args(module)} in the model, {stored} here"
+    if problem:
+        raise CheckpointError(f"{folder / META_FILE}: layer {name!r} {problem}: pass the float model "
+                              "the checkpoint was made from, or quantize it again")
 
 
 def _read_checked(model: nn.Module, folder: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
