@@ -57,8 +57,8 @@ def read_document(path: str | Path) -> dict[str, Any]:
                 raise DataLoadError(f"{path}: not a quantwise report page (no embedded report data)")
             text = found.group(1).replace("<\\/", "</")
         data = json.loads(text)
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise DataLoadError(f"{path}: not a readable JSON file ({exc})") from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise DataLoadError(f"{path}: not a readable JSON file ({type(exc).__name__}: {str(exc)[:200]})") from None
     if not isinstance(data, dict):
         raise DataLoadError(f"{path}: a report needs a JSON object, got {type(data).__name__}")
     if "schema" in data:

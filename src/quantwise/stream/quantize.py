@@ -68,8 +68,9 @@ def quantize_folder(folder: str | os.PathLike, config: "Config | str", calib_dat
     checkpoint = ShardedCheckpoint.open(folder, allow_non_float=True)  # checked below
     try:
         config_json = json.loads((folder / "config.json").read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise ModelLoadError(f"{folder / 'config.json'}: not readable JSON ({exc})") from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:  # deep nesting too
+        raise ModelLoadError(f"{folder / 'config.json'}: not readable JSON ({type(exc).__name__}: "
+                             f"{str(exc)[:200]})") from None
     checkpoint.check_config(config_json, folder / "config.json")
     out = check_output_dir(out, overwrite)
     model = meta_skeleton(folder)
