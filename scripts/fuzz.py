@@ -40,15 +40,9 @@ def _signature(exc: BaseException) -> tuple:
 def _save(out: Path, name: str, files: dict, exc_text: str, index: int) -> Path:
     folder = out / f"{name}-{index}"
     shutil.rmtree(folder, ignore_errors=True)
-    case = folder / "case"
-    case.mkdir(parents=True)
-    for rel, data in files.items():
-        path = case / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if isinstance(data, tuple):
-            os.symlink(data[1], path)
-        else:
-            path.write_bytes(data)
+    from fuzz_targets import write_case
+
+    write_case(files, folder / "case")  # as the target saw it (outside.bin beside it)
     (folder / "target.txt").write_text(name + "\n")
     (folder / "traceback.txt").write_text(exc_text)
     return folder
