@@ -64,15 +64,19 @@ def test_fast_path_matches_the_per_layer_path(qbert, pad):
     assert cos.min() > 0.99
 
 
-@pytest.mark.parametrize("gemm", ["onednn", "int_mm"])
+@pytest.mark.parametrize("gemm", ["onednn", "int_mm", "fbgemm"])
 def test_both_per_token_gemms_agree_fast_and_per_layer(gemm, monkeypatch):
-    """Per-token GEMMs run on oneDNN on AMX CPUs and on torch._int_mm elsewhere (kernels.base.
-    per_token_gemm): both, in the fast path and layer by layer, on any machine."""
+    """Per-token GEMMs run on oneDNN on AMX CPUs, on FBGEMM on AVX2-only CPUs and on
+    torch._int_mm elsewhere (kernels.select): each, in the fast path and layer by layer, on any
+    machine."""
     monkeypatch.setenv("QUANTWISE_INT8_GEMM", gemm)
     model = _bert()
     q = quantwise.quantize(model, "w8a8-dynamic", progress=False)
     kernel = q.encoder.layer[0].attention.self.query.kernel
+    assert kernel.fallback_reason is None, kernel.fallback_reason
     assert ("oneDNN" in kernel.name) == (gemm == "onednn")
+    assert ("FBGEMM" in kernel.name) == (gemm == "fbgemm")
+    assert len(get_state(q).encoder.layers) == len(q.encoder.layer)
     slow = copy.deepcopy(q)
     remove_encoder_fastpath(slow)
     batch = _inputs(pad=True)

@@ -276,6 +276,7 @@ def test_export_writes_exact_uint8_weights_where_onnx_runtime_saturates(preset, 
     qmodel = quantwise.quantize(model, preset, calib, progress=False)  # as made on a VNNI CPU
     assert ort_exactness.widest_code(qmodel) > 64
     signed = export_onnx(qmodel, calib[0], tmp_path / "s8.onnx", weight_dtype="int8")
+    signed_exact = ort_exactness.ort_accumulation() == "exact"  # this CPU's, before faking PAIRS
     monkeypatch.setattr(ort_exactness, "ort_accumulation", lambda: PAIRS)
     if not ort_exactness.ort_unsigned_exact():
         pytest.skip("ONNX Runtime's u8 x u8 MatMulInteger is not exact on this CPU either")
@@ -292,7 +293,10 @@ def test_export_writes_exact_uint8_weights_where_onnx_runtime_saturates(preset, 
     a, b = _run(signed.path, x), _run(result.path, x)
     with torch.no_grad():
         ref = qmodel(x)
-    assert np.array_equal(a, b)
+    if signed_exact:
+        assert np.array_equal(a, b)
+    else:  # a real CPU without VNNI: the int8 file saturates, the uint8 one is the exact one
+        assert _rel(b, ref) <= _rel(a, ref)
     assert _rel(b, ref) < 1e-2
 
 

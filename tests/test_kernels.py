@@ -148,7 +148,10 @@ def test_affine_weights_use_int_mm_with_corrections(wspec, dynamic):
     act = DynamicAct(QuantSpec(Format.INT8, granularity=PerToken())) if dynamic else static_act(x, Format.INT8)
     kernel = make_linear_kernel(codes, scale, zp, wspec, bias, act)
     if wspec.format == Format.UINT4 or not probe().saturates("int_mm"):
-        real(kernel, "torch._int_mm")
+        if kernel.fallback_reason is None:  # _int_mm, or FBGEMM where _int_mm is a slow loop
+            assert "torch._int_mm" in kernel.name or "FBGEMM" in kernel.name, kernel.name
+        else:  # AVX2-only CPUs: _int_mm exact but a scalar loop, FBGEMM saturates on 8-bit codes
+            assert wspec.format != Format.UINT4 and "slower than float32" in kernel.fallback_reason
         check_linear(kernel, x, codes, scale, zp, wspec, bias, act)
     else:  # 8-bit affine codes where _int_mm sums int16 pairs: the exact simulation, said so
         assert "int16 pairs" in kernel.fallback_reason
@@ -157,7 +160,8 @@ def test_affine_weights_use_int_mm_with_corrections(wspec, dynamic):
 
 @pytest.mark.parametrize("shape,k,n", [((1,), 37, 5), ((2, 9), 37, 5), ((70,), 384, 96)])
 @pytest.mark.parametrize("gran", [PerToken(), PerTensor()])
-@pytest.mark.parametrize("gemm", ["onednn", "int_mm"])  # per-token: AMX CPUs pick oneDNN
+# forced, so every path runs on every CPU (per-token: AMX CPUs pick oneDNN, AVX2-only FBGEMM)
+@pytest.mark.parametrize("gemm", ["onednn", "int_mm", "fbgemm"])
 def test_dynamic_linear(shape, k, n, gran, gemm, monkeypatch):
     monkeypatch.setenv("QUANTWISE_INT8_GEMM", gemm)
     w, x, bias = torch.randn(n, k), torch.randn(*shape, k), torch.randn(n)
@@ -165,8 +169,8 @@ def test_dynamic_linear(shape, k, n, gran, gemm, monkeypatch):
     codes, scale, zp = qweight(w, W8)
     act = DynamicAct(QuantSpec(Format.INT8, symmetric=True, granularity=gran))
     kernel = make_linear_kernel(codes, scale, zp, W8, bias, act)
-    real(kernel, ("oneDNN" if gemm == "onednn" else "torch._int_mm") if isinstance(gran, PerToken)
-         else "int32")
+    label = {"onednn": "oneDNN", "int_mm": "torch._int_mm", "fbgemm": "FBGEMM"}[gemm]
+    real(kernel, label if isinstance(gran, PerToken) or gemm == "fbgemm" else "int32")
     assert ("per-token" in kernel.name) == isinstance(gran, PerToken)
     check_linear(kernel, x, codes, scale, zp, W8, bias, act)
 

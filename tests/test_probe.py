@@ -19,6 +19,7 @@ from quantwise.kernels import probe as probe_mod
 from quantwise.kernels.int8_conv import OneDnnConv
 from quantwise.kernels.int8_linear import IntMMLinear, OneDnnLinear
 from quantwise.kernels.probe import EXACT, PAIRS, probe
+from quantwise.kernels.select import LINEAR, _too_slow
 from quantwise.spec import Format, PerChannel, PerTensor, PerToken, QuantSpec
 
 W8 = QuantSpec(Format.INT8, granularity=PerChannel(0))
@@ -84,8 +85,9 @@ def test_full_range_codes_never_run_on_a_saturating_kernel():
     x = _extremes((16, k), 0, 255, seed=1)
     exact = x.double() @ codes.double().t()
     kernel = make_linear_kernel(codes, torch.ones(n), torch.zeros(n), W8, None, U8_UNIT)
-    saturating = all(probe().saturates(c) for c in ("onednn_linear", "int_mm"))
-    assert (kernel.fallback_reason is not None) == saturating, kernel.fallback_reason
+    saturating = all(probe().saturates(c) for c in LINEAR)
+    usable = [c for c in LINEAR if not probe().saturates(c) and not _too_slow(c)]
+    assert (kernel.fallback_reason is None) == bool(usable), kernel.fallback_reason
     if saturating:
         assert "int16 pairs" in kernel.fallback_reason and "7-bit" in kernel.fallback_reason
     assert torch.allclose(kernel(x).double(), exact, rtol=1e-6, atol=0)

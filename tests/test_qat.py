@@ -84,7 +84,14 @@ def convert_and_check(qat, model, x, folder):
         real = qmodel(x)
     err = (real - fake).abs().max().item()
     assert err <= step, (err, step)
-    assert float((real - fake).norm() / fake.norm()) < 0.05
+    # A value exactly at a rounding tie can flip its code between the float QAT forward and the
+    # integer kernels (other summation order; other CPUs, other order): with 4-bit activations
+    # one flip moves that sample's output by 2-9% (AVX2-only EPYC, MiniResNet after BN freezing:
+    # 3 of 5 samples off by 0.057-0.093, the others to 5e-8; a plain net: 6 of 8 batches agree to
+    # 1e-7). So: some sample agrees to float precision (a wrong kernel could not), none is off by
+    # more than 0.15 relative.
+    per_sample = [float((r - f).norm() / f.norm()) for r, f in zip(real, fake)]
+    assert min(per_sample) < 1e-5 and max(per_sample) < 0.15, per_sample
     out = quantwise.save(qmodel, folder)
     with torch.no_grad():
         assert torch.equal(quantwise.load(out, model=model)(x), real)

@@ -33,8 +33,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from quantwise.kernels.base import TINY, f32, shifted_weight_max
-from quantwise.kernels.int8_linear import IntMMLinear, OneDnnLinear
-from quantwise.kernels.select import int_mm_fits
+from quantwise.kernels.int8_linear import (FbgemmLinear, IntMMLinear, OneDnnLinear, fbgemm_linear,
+                                           fbgemm_prepack)
+from quantwise.kernels.select import fbgemm_fits, int_mm_fits
 from quantwise.modules import QuantizedLayer
 from quantwise.spec import Format, PerTensor
 from quantwise.state import QuantState
@@ -58,10 +59,11 @@ class EncoderReport:
         return text
 
 
-def _per_token_kernel(module: Any) -> IntMMLinear | None:
+def _per_token_kernel(module: Any) -> IntMMLinear | FbgemmLinear | None:
     kernel = getattr(module, "kernel", None)
     if (isinstance(module, QuantizedLayer) and module.kind == "linear"
-            and isinstance(kernel, IntMMLinear) and not kernel.static and kernel.per_token
+            and isinstance(kernel, (IntMMLinear, FbgemmLinear)) and not kernel.static
+            and kernel.per_token
             and kernel.w_zero_point is None):
         return kernel
     return None
@@ -79,10 +81,17 @@ def _static_int8(module: Any) -> bool:
     if not (act.format in (Format.INT8, Format.UINT8) and isinstance(act.granularity, PerTensor)
             and module.weight_scale.numel() == module.weight_shape[0]):
         return False
-    # the fast path runs static Linears on _int_mm (or oneDNN for the FFN pair): only where the
-    # probe found it exact for these codes and not slower than float (kernels.select)
+    # the fast path runs static Linears on _int_mm or FBGEMM (or oneDNN for the FFN pair): only
+    # where the probe found one exact for these codes and not slower than float (kernels.select)
+    return _static_gemm(module) is not None
+
+
+def _static_gemm(module: QuantizedLayer) -> str | None:
     n, k = module.weight_shape
-    return int_mm_fits(255, shifted_weight_max(module.weight), k, n)
+    wmax = shifted_weight_max(module.weight)
+    if int_mm_fits(255, wmax, k, n):
+        return "int_mm"
+    return "fbgemm" if fbgemm_fits(255, wmax) else None
 
 
 class _Lin:
@@ -92,17 +101,25 @@ class _Lin:
     Static: y = acc * (w_scale * x_scale) + (bias - zx * colsum(W) * w_scale * x_scale), where
     acc = _int_mm(codes - 0, W) with codes = clamp(round(x / (x_scale * s)) + zx) in int8
     (uint8 inputs shifted by -128 together with their zero point); `s` is the explicit
-    SmoothQuant division (or 1). Dynamic (per-token): the per-layer IntMMLinear arithmetic."""
+    SmoothQuant division (or 1). Dynamic (per-token): the per-layer IntMMLinear arithmetic.
+    On FBGEMM (`gemm == "fbgemm"`, AVX2-only CPUs) the codes stay float32 minus their zero
+    point, FBGEMM takes the zero point itself (no bias correction), and static layers get the
+    scales and bias in its epilogue; its packed weights are built on first use (`fb_packed`)."""
 
     def __init__(self, module: QuantizedLayer, smooth: torch.Tensor | None = None) -> None:
         kernel = _per_token_kernel(module)
         self.static = kernel is None
         self.smooth = None if smooth is None else smooth.detach().to(torch.float32).contiguous()
         self.module = None if self.static else module
+        self._fb = None
+        self.fb_zp = 128  # FBGEMM's uint8 zero point (dynamic codes: symmetric int8 + 128)
         if not self.static:
-            self.w_t, self.col_scale, self.bias = kernel.w_t, kernel.w_scale, kernel.bias
+            self.gemm = "fbgemm" if isinstance(kernel, FbgemmLinear) else "int_mm"
+            w_t = module.weight.to(torch.int8).t() if self.gemm == "fbgemm" else kernel.w_t
+            self.w_t, self.col_scale, self.bias = w_t, kernel.w_scale, kernel.bias
             self.qmax = kernel.qmax
             return
+        self.gemm = _static_gemm(module)
         act = module.act_spec
         shift = 0 if act.format.is_signed else -128
         codes = module.weight.to(torch.int8)
@@ -116,7 +133,8 @@ class _Lin:
         self.col_scale = (module.weight_scale.to(torch.float32) * x_scale).contiguous()
         bias = (torch.zeros(codes.shape[0]) if module.bias is None
                 else module.bias.detach().to(torch.float32))
-        if self.zp:
+        self.fb_zp = self.zp + 128
+        if self.zp and self.gemm == "int_mm":
             colsum = codes.sum(dim=1, dtype=torch.int32).to(torch.float64)
             bias = (bias.double() - self.zp * colsum * self.col_scale.double()).float()
         self.bias = bias.contiguous()
@@ -125,10 +143,26 @@ class _Lin:
     def packed(self) -> torch.Tensor | None:
         """Dynamic on AMX CPUs: the layer kernel's oneDNN weights (int8_linear.IntMMLinear),
         read through the module, whose copies rebuild their kernel (opaque tensors don't copy)."""
-        return None if self.module is None else getattr(self.module.kernel, "packed", None)
+        if self.module is None or self.gemm == "fbgemm":
+            return None
+        return getattr(self.module.kernel, "packed", None)
+
+    def fb_packed(self):
+        """FBGEMM's weights with this Lin's final column scales (and, static, bias)."""
+        if self.gemm != "fbgemm":
+            return None
+        if self._fb is None:
+            self._fb = fbgemm_prepack(self.w_t.t(), self.col_scale,
+                                      self.bias if self.static else None)
+        return self._fb
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_fb": None}  # FBGEMM's packed weights: rebuilt on use
 
     def same_input(self, other: _Lin) -> bool:
         if self.static != other.static:
+            return False
+        if self.gemm != other.gemm:
             return False
         if not self.static:
             return self.qmax == other.qmax
@@ -229,6 +263,7 @@ class FastBertLayer:
             self.qkv_bias = torch.cat([(zeros if x.bias is None else x.bias)
                                        for x in (q, k, v)]).contiguous()
             self._qkv_packed = None  # built on first use (see qkv_packed)
+            self._qkv_fb = None
         self.projs = (q, k, v)
         self.ln1, self.ln2 = parts["ln1"], parts["ln2"]
         self.gelu = _gelu_approximation(parts["act"])
@@ -242,7 +277,17 @@ class FastBertLayer:
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_qkv_packed"] = None  # oneDNN's opaque weights cannot be copied: rebuilt on use
+        state["_qkv_fb"] = None
         return state
+
+    def qkv_fb(self):
+        """The fused [3N, K] weight packed for FBGEMM, when Q/K/V run there (AVX2-only CPUs)."""
+        if self.qkv.gemm != "fbgemm":
+            return None
+        if self._qkv_fb is None:
+            self._qkv_fb = fbgemm_prepack(self.qkv_t.t(), self.qkv_scale,
+                                          self.qkv_bias if self.qkv.static else None)
+        return self._qkv_fb
 
     @property
     def qkv_packed(self) -> torch.Tensor | None:
@@ -279,6 +324,8 @@ class FastBertLayer:
         out = x if inplace else self._buf("div" + key, x.shape)
         if lin.static:
             t = torch.div(x, lin.div, out=out).round_()
+            if lin.gemm == "fbgemm":  # float codes minus the zero point
+                return t.clamp_(lin.lo - lin.zp, lin.hi - lin.zp), None
             if lin.zp:
                 t.add_(lin.zp)
             t.clamp_(lin.lo, lin.hi)
@@ -289,17 +336,25 @@ class FastBertLayer:
             scale = torch.maximum(x.amax(dim=1, keepdim=True), x.amin(dim=1, keepdim=True).neg_())
             scale = scale.div_(lin.qmax).clamp_(min=TINY)
             t = torch.div(x, scale, out=out).round_()
+            if lin.gemm == "fbgemm":
+                return t, scale
         codes = self._buf("q" + key, x.shape, torch.int8)
         codes.copy_(t)
         return codes, scale
 
-    def _linear(self, codes, scale, w_t, col_scale, bias, key: str, out=None, packed=None
-                ) -> torch.Tensor:
-        if packed is not None:  # dynamic on AMX: oneDNN gives acc * col_scale; then rows, bias
-            y = torch.ops.onednn.qlinear_pointwise(
-                codes.view(torch.uint8).bitwise_xor_(128), 1.0, 128, packed, col_scale,
-                self._no_zero_points(col_scale.numel()), None, 1.0, 0, torch.float32, "none", [],
-                "")
+    def _linear(self, codes, scale, w_t, col_scale, bias, key: str, out=None, packed=None,
+                fb=None, zp: int = 128) -> torch.Tensor:
+        if packed is not None or fb is not None:
+            # dynamic on AMX (oneDNN) or any input on FBGEMM: acc * col_scale; then rows, bias
+            if fb is not None:
+                y = fbgemm_linear(codes, zp, fb)
+                if scale is None:  # static: scales and bias came from FBGEMM's epilogue
+                    return y if out is None else out.copy_(y.view(out.shape))
+            else:
+                y = torch.ops.onednn.qlinear_pointwise(
+                    codes.view(torch.uint8).bitwise_xor_(128), 1.0, 128, packed, col_scale,
+                    self._no_zero_points(col_scale.numel()), None, 1.0, 0, torch.float32, "none",
+                    [], "")
             if out is None:  # y * row scale + bias in one pass
                 return torch.addcmul(bias, y, scale, out=y) if bias is not None else y.mul_(scale)
             tail = out.shape[2:]
@@ -329,7 +384,8 @@ class FastBertLayer:
 
     def _run(self, x: torch.Tensor, lin: _Lin, key: str, inplace: bool = False) -> torch.Tensor:
         codes, scale = self._quantize(x, lin, key, inplace)
-        return self._linear(codes, scale, lin.w_t, lin.col_scale, lin.bias, key, packed=lin.packed)
+        return self._linear(codes, scale, lin.w_t, lin.col_scale, lin.bias, key, packed=lin.packed,
+                            fb=lin.fb_packed(), zp=lin.fb_zp)
 
     def _onednn_ffn(self, h1: torch.Tensor) -> torch.Tensor:
         """f(GELU(i(h1))) + h1 with two oneDNN calls; the sum is written into h1."""
@@ -382,12 +438,14 @@ class FastBertLayer:
         if self.qkv_fused:
             codes, scale = self._quantize(x, self.qkv, "h")
             self._linear(codes, scale, self.qkv_t, self.qkv_scale, self.qkv_bias, "qkv",
-                         out=heads.permute(1, 3, 0, 2, 4), packed=self.qkv_packed)
+                         out=heads.permute(1, 3, 0, 2, 4), packed=self.qkv_packed,
+                         fb=self.qkv_fb(), zp=self.qkv.fb_zp)
         else:  # Q/K/V quantize their input differently: one quantization and GEMM each
             for j, lin in enumerate(self.projs):
                 codes, scale = self._quantize(x, lin, "h")
                 self._linear(codes, scale, lin.w_t, lin.col_scale, lin.bias, "qkv",
-                             out=heads[j:j + 1].permute(1, 3, 0, 2, 4), packed=lin.packed)
+                             out=heads[j:j + 1].permute(1, 3, 0, 2, 4), packed=lin.packed,
+                             fb=lin.fb_packed(), zp=lin.fb_zp)
         q, k, v = (heads[j].view(b * nh, t, d) for j in range(3))
         scores = self._buf("scores", (b * nh, t, t))
         if row is not None:

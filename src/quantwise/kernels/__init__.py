@@ -9,9 +9,10 @@ benchmarks/kernels_micro.py; the reasons are in each module's docstring):
 
 | case                                             | kernel (module)                           |
 |--------------------------------------------------|-------------------------------------------|
-| Linear, static int8/uint8 input, symmetric W     | oneDNN qlinear_pointwise or _int_mm       |
+| Linear, static int8/uint8 input, symmetric W     | oneDNN qlinear_pointwise, _int_mm, FBGEMM |
 | Linear, dynamic per-tensor input, symmetric W    | oneDNN qlinear_pointwise (int8_linear)    |
 | Linear, dynamic per-token input, or affine W     | torch._int_mm + corrections (int8_linear) |
+| (AVX2-only CPUs: the timing picks FBGEMM)        | FBGEMM u8 x s8, float out (int8_linear)   |
 | Linear, weight-only 8-bit per-channel            | fp16-exact codes, FBGEMM (weight_only)    |
 | Linear, weight-only symmetric int4, group/channel| torch int4 GEMM, bf16 input (weight_only) |
 | Linear, other int4 / 8-bit per-group             | packed, dequant per call (flagged)        |
@@ -49,9 +50,11 @@ from quantwise.kernels.fallback import FallbackConv, FallbackLinear
 from quantwise.kernels.gemv import with_gemv
 from quantwise.kernels.half import Bf16Conv, Bf16Linear, Fp16Conv, Fp16Linear
 from quantwise.kernels.int8_conv import OneDnnConv
-from quantwise.kernels.int8_linear import IntMMLinear, OneDnnLinear
+from quantwise.kernels.int8_linear import FbgemmLinear, IntMMLinear, OneDnnLinear
 from quantwise.kernels.select import (NoExactKernel, check_conv, choose_linear,
-                                      default_per_token_order, weight_code_limit)
+                                      default_per_token_order, default_static_order,
+                                      weight_code_limit)
+from quantwise.kernels.select import _forced as _forced_order
 from quantwise.kernels.weight_only import Fp16CodesLinear, Int4PackLinear, PackedDequantLinear
 from quantwise.spec import Format, PerGroup, PerTensor, PerToken, QuantSpec
 
@@ -164,14 +167,17 @@ def make_linear_kernel(weight_codes: torch.Tensor, weight_scale: torch.Tensor,
         symmetric_s8 = codes.dtype == torch.int8 and not bool(w_zp.any())
         per_token = isinstance(act, DynamicAct) and isinstance(act.spec.granularity, PerToken)
         if symmetric_s8:
-            order = default_per_token_order() if per_token else ["onednn_linear", "int_mm"]
-        else:  # weight zero points: only the explicit-correction _int_mm path takes them
-            order = ["int_mm"]
+            order = default_per_token_order() if per_token else default_static_order()
+        else:  # weight zero points: the explicit-correction _int_mm path, or FBGEMM's
+            order = [c for c in (_forced_order() or ["int_mm", "fbgemm_linear"])
+                     if c != "onednn_linear"] or ["int_mm", "fbgemm_linear"]
         umax = act_u8_max(act)
         wmax = shifted_weight_max(codes)
-        choice, ratio = choose_linear(order, {"onednn_linear": umax, "int_mm": act_i8_max(act)},
-                                      wmax, k, n)
-        if choice == "onednn_linear" and not per_token:
+        choice, ratio = choose_linear(order, {"onednn_linear": umax, "int_mm": act_i8_max(act),
+                                              "fbgemm_linear": umax}, wmax, k, n)
+        if choice == "fbgemm_linear":
+            kernel = FbgemmLinear(codes, w_scale, w_zp, bias, act, weight_label=label)
+        elif choice == "onednn_linear" and not per_token:
             kernel = OneDnnLinear(codes, w_scale, bias, act, weight_label=label)
         else:
             kernel = IntMMLinear(codes, w_scale, w_zp, bias, act, weight_label=label,

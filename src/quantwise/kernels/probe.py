@@ -42,8 +42,8 @@ from quantwise.fileio import atomic_write_text
 
 EXACT, PAIRS, INEXACT = "exact", "int16_pairs", "inexact"
 PAIR_LIMIT = 32767  # int16 max: two u8 x s8 products must fit
-CANDIDATES = ("onednn_linear", "int_mm", "onednn_conv")
-_VERSION = 2  # 2: first calls under 50 ms are warm-ups, not timings
+CANDIDATES = ("onednn_linear", "int_mm", "fbgemm_linear", "onednn_conv")
+_VERSION = 3  # 2: first calls under 50 ms are warm-ups, not timings; 3: FBGEMM
 _LOCK = threading.RLock()
 
 # oneDNN's ISA cap names (ONEDNN_MAX_CPU_ISA) -> the integer ISA class they leave
@@ -129,6 +129,9 @@ def _run_linear(kind: str, u: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
                                                torch.zeros(n, dtype=torch.int64), None, 1.0, 0,
                                                torch.float32, "none", [], "")
         return y.double()
+    if kind == "fbgemm_linear":
+        from quantwise.kernels.int8_linear import fbgemm_linear, fbgemm_prepack
+        return fbgemm_linear(u.float(), 0, fbgemm_prepack(w, torch.ones(n), None)).double()
     # _int_mm takes s8 x s8: (u - 128) . w, plus 128 * rowsum(w) back
     s = (u.to(torch.int16) - 128).to(torch.int8)
     acc = torch._int_mm(s, w.t())
@@ -208,6 +211,12 @@ def _gemm_fns(m: int, k: int, n: int) -> dict[str, Callable[[], object]]:
         pass
     w_t = w.t()
     fns["int_mm"] = lambda: torch._int_mm(s, w_t)
+    try:
+        from quantwise.kernels.int8_linear import fbgemm_linear, fbgemm_prepack
+        fb, codes = fbgemm_prepack(w, torch.ones(n), None), s.float()
+        fns["fbgemm_linear"] = lambda: fbgemm_linear(codes, 128, fb)
+    except RuntimeError:
+        pass
     return fns
 
 

@@ -22,20 +22,32 @@ from typing import Optional
 
 from quantwise.kernels.probe import EXACT, PAIR_LIMIT, PAIRS, isa_label, probe
 
-LINEAR = ("onednn_linear", "int_mm")
+LINEAR = ("onednn_linear", "int_mm", "fbgemm_linear")
 SLOWER_THAN_FLOAT = 2.0   # a kernel this much slower than float32 is not used
 TIE = 0.9                 # another candidate must be 10% faster to replace the default order
 SMALL_LAYER = 1 << 16     # K * N below this: timed at the representative shape instead
 
 
+_FORCED = {"onednn": "onednn_linear", "int_mm": "int_mm", "fbgemm": "fbgemm_linear"}
+
+
+def _forced() -> Optional[list[str]]:
+    forced = os.environ.get("QUANTWISE_INT8_GEMM", "").strip().lower()
+    return [_FORCED[forced]] if forced in _FORCED else None
+
+
 def default_per_token_order() -> list[str]:
     """Preference before timing: oneDNN on AMX CPUs (it uses the tiles), _int_mm elsewhere (2x
-    faster at M=1 on AVX-512 VNNI, measured). QUANTWISE_INT8_GEMM=onednn|int_mm forces one."""
-    forced = os.environ.get("QUANTWISE_INT8_GEMM", "").strip().lower()
-    if forced in ("onednn", "int_mm"):
-        return ["onednn_linear" if forced == "onednn" else "int_mm"]
+    faster at M=1 on AVX-512 VNNI, measured); FBGEMM last (the fastest exact one on AVX2-only
+    CPUs, where the timing picks it). QUANTWISE_INT8_GEMM=onednn|int_mm|fbgemm forces one."""
     from quantwise.kernels.probe import cpu_isa
-    return ["onednn_linear", "int_mm"] if cpu_isa() == "amx" else ["int_mm", "onednn_linear"]
+    return _forced() or (["onednn_linear", "int_mm", "fbgemm_linear"] if cpu_isa() == "amx"
+                         else ["int_mm", "onednn_linear", "fbgemm_linear"])
+
+
+def default_static_order() -> list[str]:
+    """Static per-tensor inputs: oneDNN first (rescale and bias fused), then _int_mm, FBGEMM."""
+    return _forced() or ["onednn_linear", "int_mm", "fbgemm_linear"]
 
 
 def activation_u8_max(fmt_bits: int) -> int:
@@ -78,7 +90,9 @@ def choose_linear(order: list[str], umax: dict[str, int], wmax: int, k: int, n: 
         raise NoExactKernel(saturation_reason(order, umax, wmax))
     # an exact but scalar loop (_int_mm on AVX2-only CPUs) is judged at a representative shape:
     # at tiny shapes call overhead, not arithmetic, decides
-    fast = [c for c in exact if not _too_slow(c)]
+    # QUANTWISE_INT8_GEMM forces one kernel: used if exact, however slow (tests run every path)
+    forced = _forced() is not None and len(order) == 1
+    fast = exact if forced else [c for c in exact if not _too_slow(c)]
     if not fast:
         ratio = probe().int8_vs_fp32(exact[0])
         raise NoExactKernel(f"the exact int8 GEMMs here ({', '.join(exact)}) measured "
@@ -128,3 +142,8 @@ def int_mm_fits(umax: int, wmax: int, k: int, n: int) -> bool:
     if not p.exact_for("int_mm", umax, wmax):
         return False
     return not _too_slow("int_mm")
+
+
+def fbgemm_fits(umax: int, wmax: int) -> bool:
+    """Whether FBGEMM is exact for these codes here and not over 2x slower than float32."""
+    return probe().exact_for("fbgemm_linear", umax, wmax) and not _too_slow("fbgemm_linear")
