@@ -52,9 +52,8 @@ from quantwise.kernels.half import Bf16Conv, Bf16Linear, Fp16Conv, Fp16Linear
 from quantwise.kernels.int8_conv import OneDnnConv
 from quantwise.kernels.int8_linear import FbgemmLinear, IntMMLinear, OneDnnLinear
 from quantwise.kernels.select import (NoExactKernel, check_conv, choose_linear,
-                                      default_per_token_order, default_static_order,
-                                      weight_code_limit)
-from quantwise.kernels.select import _forced as _forced_order
+                                      default_affine_order, default_per_token_order,
+                                      default_static_order, weight_code_limit)
 from quantwise.kernels.weight_only import Fp16CodesLinear, Int4PackLinear, PackedDequantLinear
 from quantwise.spec import Format, PerGroup, PerTensor, PerToken, QuantSpec
 
@@ -168,9 +167,8 @@ def make_linear_kernel(weight_codes: torch.Tensor, weight_scale: torch.Tensor,
         per_token = isinstance(act, DynamicAct) and isinstance(act.spec.granularity, PerToken)
         if symmetric_s8:
             order = default_per_token_order() if per_token else default_static_order()
-        else:  # weight zero points: the explicit-correction _int_mm path, or FBGEMM's
-            order = [c for c in (_forced_order() or ["int_mm", "fbgemm_linear"])
-                     if c != "onednn_linear"] or ["int_mm", "fbgemm_linear"]
+        else:
+            order = default_affine_order()
         umax = act_u8_max(act)
         wmax = shifted_weight_max(codes)
         choice, ratio = choose_linear(order, {"onednn_linear": umax, "int_mm": act_i8_max(act),

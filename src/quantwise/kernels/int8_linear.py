@@ -89,6 +89,16 @@ class OneDnnLinear:
                 + tensor_bytes(self.w_scale, self.w_zero_point, self.bias))
 
 
+def _signed_weights(codes: torch.Tensor, zero_point: torch.Tensor
+                    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """int8 weight codes [N, K] and their int32 zero points (None when all 0): uint8 codes are
+    shifted to int8 and their zero point moves along, leaving (q - zp) unchanged."""
+    shift = weight_shift(codes)
+    w = (codes.to(torch.int16) + shift).to(torch.int8).contiguous()
+    zw = (zero_point.to(torch.int32) + shift).expand(codes.shape[0]).contiguous()
+    return w, (zw if bool(zw.any()) else None)
+
+
 def _as_float_inplace(acc: torch.Tensor) -> torch.Tensor:
     """int32 -> float32 in the accumulator's own memory (same element size; each element is
     read before it is overwritten). Saves allocating and page-faulting a second M x N buffer,
@@ -107,11 +117,8 @@ class IntMMLinear:
                  gemm: str = "int_mm"):
         n, k = codes.shape
         self.out_features, self.in_features = n, k
-        shift = weight_shift(codes)  # uint8 codes -> int8, zp moves along
-        w = (codes.to(torch.int16) + shift).to(torch.int8).contiguous()
+        w, self.w_zero_point = _signed_weights(codes, w_zero_point)
         self.w_t = w.t()  # [K, N] view; _int_mm reads it as fast as a contiguous copy
-        zw = (w_zero_point.to(torch.int32) + shift).contiguous()
-        self.w_zero_point = zw if bool(zw.any()) else None
         self.w_scale = w_scale.to(torch.float32).contiguous()
         self.bias = None if bias is None else bias.detach().to(torch.float32).contiguous()
         self.static = isinstance(act, StaticAct)
@@ -225,10 +232,7 @@ class FbgemmLinear:
     def __init__(self, codes: torch.Tensor, w_scale: torch.Tensor, w_zero_point: torch.Tensor,
                  bias: Optional[torch.Tensor], act, weight_label: str = "int8"):
         self.out_features, self.in_features = codes.shape
-        shift = weight_shift(codes)  # uint8 codes -> int8, zp moves along
-        codes = (codes.to(torch.int16) + shift).to(torch.int8)
-        zw = w_zero_point.to(torch.int32) + shift
-        self.w_zero_point = zw.expand(self.out_features).contiguous() if bool(zw.any()) else None
+        codes, self.w_zero_point = _signed_weights(codes, w_zero_point)
         self.w_scale = w_scale.to(torch.float32).contiguous()
         self.static = isinstance(act, StaticAct)
         if self.static:

@@ -45,6 +45,13 @@ def default_per_token_order() -> list[str]:
                          else ["int_mm", "onednn_linear", "fbgemm_linear"])
 
 
+def default_affine_order() -> list[str]:
+    """Weights with zero points: the explicit-correction _int_mm path, or FBGEMM's (oneDNN
+    assumes symmetric weights)."""
+    forced = _forced()
+    return forced if forced and forced != ["onednn_linear"] else ["int_mm", "fbgemm_linear"]
+
+
 def default_static_order() -> list[str]:
     """Static per-tensor inputs: oneDNN first (rescale and bias fused), then _int_mm, FBGEMM."""
     return _forced() or ["onednn_linear", "int_mm", "fbgemm_linear"]
