@@ -195,13 +195,25 @@ def test_latency_plans_near_fp32_are_retimed_run_for_run(monkeypatch):
     for quantized_s, float_s, expected in ((0.004, 0.0, False), (0.0, 0.004, True)):
         monkeypatch.setattr(planner, "quantized", lambda layers: (None, _Sleepy(quantized_s)))
         planner.fp32_copy = _Sleepy(float_s)
-        assert planner.beats_float(best, warmup=1, rounds=3) is expected
-    monkeypatch.setattr(plan_mod._Planner, "beats_float", lambda self, best: False)
+        assert planner.beats_float(best.layers, warmup=1, rounds=3) is expected
+    monkeypatch.setattr(plan_mod._Planner, "beats_float", lambda self, layers: False)
     monkeypatch.setattr(plan_mod, "NEAR_FLOAT", 1.0)  # every plan counts as near fp32
     plan = quantwise.plan(model, CALIB, closeness(model), 0.05, formats=("int8",),
                           objective="latency", progress=False, max_evaluations=10)
     assert plan.met and set(plan.layers.values()) == {"fp32"}
     assert "keeps the model float" in plan.message
+    # the fastest uniform format within CEILING_CHECK of fp32 and not faster run for run: no
+    # search at all (the fp32 metric, then the fp32 candidate)
+    from quantwise.modules import QuantizedLayer
+
+    def timed(model, *args, **kwargs):  # uniform medians: int8 5% ahead of fp32
+        return 1.0 if any(isinstance(m, QuantizedLayer) for m in model.modules()) else 1.05
+
+    monkeypatch.setattr(plan_mod, "median_latency_ms", timed)
+    plan = quantwise.plan(model, CALIB, closeness(model), 0.05, formats=("int8", "fp32"),
+                          objective="latency", progress=False, max_evaluations=10)
+    assert plan.met and set(plan.layers.values()) == {"fp32"} and plan.evaluations == 2
+    assert "no mix of formats can" in plan.message and len(plan.front) == 1
 
 
 def test_digits_cnn_plan(digits):
