@@ -172,8 +172,36 @@ def test_rounding_spread_is_reported_when_the_gate_is_missed(cnn, cnn_onnx):
                     max_rel_err=1e-9)
     assert not report.ok
     assert report.rounding_spread is not None and 0 <= report.rounding_spread < 0.05
-    assert ("within 2x" in report.line()) == report.within_spread
+    assert ("within 1.2x" in report.line()) == report.within_spread
     assert report.to_dict()["within_rounding_spread"] == report.within_spread
+    assert report.gate == "elementwise"  # no float model given: the caller's gate only
+
+
+def test_rounding_spread_gate_needs_the_quality_of_the_pytorch_model(cnn, cnn_onnx, tmp_path,
+                                                                     monkeypatch):
+    """With the float model as reference, a missed elementwise gate is decided by the rule for
+    models whose own rounding forbids elementwise agreement: error <= 1.2x the rounding spread
+    AND quality vs fp32 within 0.002 of the PyTorch quantized model's; a file that computes
+    something else fails it however wide the spread."""
+    import quantwise.export.check as check
+
+    model, qmodel = cnn
+    x = [torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(5))]
+    strict = parity(qmodel, cnn_onnx.path, x, per_layer=False, max_rel_err=1e-9, reference=model)
+    assert strict.gate == "rounding spread" and strict.quality_metric == "top-1 agreement"
+    assert strict.ok == (strict.within_spread and strict.quality_kept)
+    assert "gate: rounding spread" in strict.line()
+    assert abs(strict.quality_onnx - strict.quality_torch) <= 1 / 16  # the same predictions
+    plain = parity(qmodel, cnn_onnx.path, x, per_layer=False, reference=model)
+    assert plain.ok and plain.gate == "elementwise" and plain.rounding_spread is None
+    torch.manual_seed(1)  # another network's file
+    other = quantwise.quantize(randomize_bn(MiniResNet()), "w8a8",
+                               [torch.randn(4, 3, 32, 32) for _ in range(2)], progress=False)
+    wrong = export_onnx(other, x[0][:2], tmp_path / "other.onnx").path
+    monkeypatch.setattr(check, "SPREAD_FACTOR", 1e12)  # within any spread...
+    report = parity(qmodel, wrong, x, per_layer=False, reference=model)
+    assert report.within_spread and not report.quality_kept and not report.ok  # ...not its quality
+    assert report.quality_onnx < report.quality_torch - 0.002
 
 
 def test_large_models_go_to_external_data(cnn, tmp_path, monkeypatch):

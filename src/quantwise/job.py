@@ -322,7 +322,7 @@ def run_export_job(folder: str | Path, out: str | Path | None = None, model_ref:
     out = Path(out) if out else folder.with_name(folder.name + ".onnx")
     if out.resolve() == folder.resolve() or folder.resolve() in out.resolve().parents:
         raise OutputPathError(f"{out}: write the ONNX file outside the checkpoint folder {folder}")
-    _, _, info, qmodel = _reload(folder, model_ref, log)
+    _, model, info, qmodel = _reload(folder, model_ref, log)
     spec = data or info.calib_data
     if spec is None:
         raise CalibrationError(f"model {info.name!r} has no built-in sample data: pass --data "
@@ -334,5 +334,8 @@ def run_export_job(folder: str | Path, out: str | Path | None = None, model_ref:
     log("reading what ONNX Runtime runs, then checking parity on "
         f"{len(samples)} batches from {spec!r}")
     result.fusion = fusion_report(out)
-    result.parity = parity(qmodel, out, samples, per_layer=per_layer, max_rel_err=max_rel_err)
+    # the float model too: where rounding makes elementwise agreement impossible, the gate is
+    # the model's own rounding spread plus quality vs fp32 (check.parity)
+    result.parity = parity(qmodel, out, samples, per_layer=per_layer, max_rel_err=max_rel_err,
+                           reference=model, metric=info.metric)
     return result
