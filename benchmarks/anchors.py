@@ -71,6 +71,19 @@ def ort_system(name: str, path: Path, tmp: Path, **info: Any) -> System:
                   size_bytes=path.stat().st_size, size_note=".onnx file", info=info)
 
 
+def _input_names(path: Path) -> list[str]:
+    """Graph inputs of an ONNX file (not its initializers) or of an OpenVINO IR (.xml)."""
+    if path.suffix == ".xml":
+        import openvino as ov
+
+        return [i.get_any_name() for i in ov.Core().read_model(str(path)).inputs]
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    inits = {t.name for t in graph.initializer}
+    return [i.name for i in graph.input if i.name not in inits]
+
+
 def ov_system(name: str, path: Path, **info: Any) -> System:
     """OpenVINO's CPU plugin on the ONNX file `path`, INTRA_THREADS threads, latency hint. It
     bundles oneDNN and honours ONEDNN_MAX_CPU_ISA (measured: its int8 ResNet-18 takes 2x longer
@@ -79,12 +92,11 @@ def ov_system(name: str, path: Path, **info: Any) -> System:
     Precision hint f32: by default OpenVINO runs float parts in bf16 on CPUs with AVX-512 BF16
     or AMX (not an fp32 row then, and measured slower for the int8 ResNet-18 under the AVX2
     cap: 70.2 vs 66.7 ms, as it reorders to bf16), so the anchor gets its faster, exact setting."""
-    import onnx
     import openvino as ov
 
-    graph = onnx.load(str(path), load_external_data=False).graph
-    inits = {t.name for t in graph.initializer}
-    names = [i.name for i in graph.input if i.name not in inits]
+    from quantwise.export.openvino import report_from_compiled
+
+    names = _input_names(path)
     holder: dict[str, Any] = {}
 
     def load() -> None:
@@ -92,6 +104,9 @@ def ov_system(name: str, path: Path, **info: Any) -> System:
         core.set_property("CPU", {"INFERENCE_NUM_THREADS": INTRA_THREADS,
                                   "PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"})
         holder["model"] = core.compile_model(str(path), "CPU")
+        ran = report_from_compiled(holder["model"])  # which weight layers OpenVINO runs in int8
+        info.update(ov_int8_conv=f"{ran.conv_int8}/{ran.conv_total}",
+                    ov_int8_fc=f"{ran.fc_int8}/{ran.fc_total}")
 
     def run(feeds: dict[str, Any]) -> list:
         return list(holder["model"](feeds).values())
@@ -104,6 +119,29 @@ def ov_system(name: str, path: Path, **info: Any) -> System:
 
 def ov_fp32(case: Any, ctx: dict[str, Any]) -> System:
     return ov_system("OpenVINO fp32", _need_fp32_onnx(ctx))
+
+
+def nncf_openvino(case: Any, ctx: dict[str, Any]) -> System:
+    """NNCF's own post-training int8 (`nncf.quantize`, defaults; the transformer model type for
+    MiniLM, as NNCF's docs ask) on the fp32 ONNX file read by OpenVINO, calibrated on the same
+    batches as quantwise, saved as OpenVINO IR and run by its CPU plugin."""
+    import nncf
+    import openvino as ov
+
+    src = _need_fp32_onnx(ctx)
+    model = ov.Core().read_model(str(src))
+    names = [i.get_any_name() for i in model.inputs]
+    calib = [_feeds(x, names) for x in case.calib]
+    kwargs = {"model_type": nncf.ModelType.TRANSFORMER} if case.kind == "embedding" else {}
+    qmodel = nncf.quantize(model, nncf.Dataset(calib), subset_size=max(1, sum(
+        _batch_size(x) for x in case.calib)), **kwargs)
+    out = ctx["tmp"] / "nncf" / "model.xml"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    ov.save_model(qmodel, str(out))
+    system = ov_system("NNCF + OpenVINO int8", out, nncf=nncf.__version__)
+    system.size_bytes = out.stat().st_size + out.with_suffix(".bin").stat().st_size
+    system.size_note = "OpenVINO IR (.xml + .bin)"
+    return system
 
 
 def optimized_graph_ops(path: Path) -> dict[str, Any]:

@@ -71,6 +71,11 @@ def _notes(row: dict[str, Any], rows_expected: int) -> str:
         notes.append("int8 kernels: " + ", ".join(parts))
         if info.get("qdq_nodes_left", 0) > 2:  # one Q at the input and one DQ at the output are normal
             notes.append(f"{info['qdq_nodes_left']} Q/DQ nodes left (float between them)")
+    if "ov_int8_conv" in info:  # OpenVINO's runtime model: weight layers it runs in int8
+        parts = [f"{kind} {info[key]}" for kind, key in (("Conv", "ov_int8_conv"),
+                                                         ("FullyConnected", "ov_int8_fc"))
+                 if not info[key].endswith("/0")]
+        notes.append("OpenVINO int8: " + ", ".join(parts))
     if str(info.get("pre_process", "ok")) != "ok":
         notes.append("quant_pre_process failed")
     if "quantized_modules" in info:

@@ -142,8 +142,9 @@ def builders(args: argparse.Namespace, model: str = "") -> list[tuple[str, Any]]
     rows += [(f"quantwise {p}", partial(quantwise_preset, p)) for p in presets]
     rows += [(f"quantwise {p} -> ORT", partial(quantwise_onnx, p)) for p in args.onnx_presets]
     rows += [(f"quantwise {p} -> OpenVINO", partial(quantwise_onnx, p, runtime="openvino"))
-             for p in args.onnx_presets if p == "w8a8"]
-    rows += anchors.BUILDERS[1:] + [("OpenVINO fp32", anchors.ov_fp32)]
+             for p in args.onnx_presets]
+    rows += anchors.BUILDERS[1:] + [("OpenVINO fp32", anchors.ov_fp32),
+                                    ("NNCF + OpenVINO int8", anchors.nncf_openvino)]
     if args.systems:  # development filter; the two fp32 references always run (ratios need them)
         keep = [s.strip() for s in args.systems.split(",")]
         rows = [r for r in rows if r[0] in ("torch fp32", "ORT fp32") or any(k in r[0] for k in keep)]

@@ -333,3 +333,25 @@ def test_export_refuses_an_unknown_weight_dtype(tmp_path):
     with pytest.raises(quantwise.ConfigError, match="weight_dtype"):
         export_onnx(qmodel, torch.randn(2, 16), tmp_path / "m.onnx", weight_dtype="u4")
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_openvino_runs_the_exported_convs_in_int8(cnn, cnn_onnx):
+    """OpenVINO's CPU plugin reads the QDQ file: its runtime model says every conv runs in
+    int8, and its output agrees with the PyTorch quantized model."""
+    pytest.importorskip("openvino")
+    import openvino as ov
+
+    from quantwise.export.openvino import openvino_report, report_from_compiled
+
+    report = openvino_report(cnn_onnx.path)
+    assert report.conv_total == 6 and report.conv_int8 == 6, report.line()
+    assert "6/6 convs" in report.line() and report.to_dict()["conv_int8"] == 6
+    core = ov.Core()
+    core.set_property("CPU", {"INFERENCE_NUM_THREADS": 1, "INFERENCE_PRECISION_HINT": "f32"})
+    compiled = core.compile_model(str(cnn_onnx.path), "CPU")
+    assert report_from_compiled(compiled).conv_int8 == 6
+    x = torch.randn(3, 3, 32, 32)
+    got = torch.from_numpy(next(iter(compiled(x.numpy()).values())))
+    with torch.no_grad():
+        ref = cnn[1](x)
+    assert _rel(got, ref) < 0.02

@@ -472,6 +472,8 @@ def _print_export(result, notes: list[str], as_json: bool) -> int:
         for layer, note in result.notes.items():
             print(f"  float: {layer}: {note}")
         print(result.fusion.line())
+        if result.openvino is not None:
+            print(result.openvino.line())
         print(result.parity.table())
         if result.runtime_note:  # uint8 weights chosen here: a note; still saturating: a warning
             print(f"{'note' if result.weight_dtype == 'uint8' else 'warning'}: {result.runtime_note}")

@@ -316,6 +316,7 @@ def run_export_job(folder: str | Path, out: str | Path | None = None, model_ref:
     """Reload FOLDER, export it as ONNX QDQ, then prove the file: what ONNX Runtime fuses into
     integer kernels, and parity with the PyTorch quantized model on calibration samples."""
     from quantwise.export import export_onnx
+    from quantwise.export import openvino
     from quantwise.export.check import fusion_report, parity
 
     folder = Path(folder)
@@ -334,6 +335,9 @@ def run_export_job(folder: str | Path, out: str | Path | None = None, model_ref:
     log("reading what ONNX Runtime runs, then checking parity on "
         f"{len(samples)} batches from {spec!r}")
     result.fusion = fusion_report(out)
+    if openvino.available():  # the second runtime: which layers its CPU plugin runs in int8
+        log("reading what OpenVINO runs")
+        result.openvino = openvino.openvino_report(out)
     # the float model too: where rounding makes elementwise agreement impossible, the gate is
     # the model's own rounding spread plus quality vs fp32 (check.parity)
     result.parity = parity(qmodel, out, samples, per_layer=per_layer, max_rel_err=max_rel_err,

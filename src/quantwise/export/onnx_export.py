@@ -43,6 +43,7 @@ class ExportResult:
     dynamic_axes: dict[str, list[int]] = field(default_factory=dict)
     fusion: Any = None                # check.FusionReport, when asked for
     parity: Any = None                # check.ParityReport, when asked for
+    openvino: Any = None              # openvino.OpenVINOReport, when openvino is installed
     runtime_note: str | None = None   # ONNX Runtime's u8 x s8 kernels saturate here (ort_exactness)
     weight_dtype: str = "int8"        # how 8-bit integer weights are stored: int8 or uint8 (+128)
 
@@ -56,7 +57,7 @@ class ExportResult:
                "notes": self.notes, "external_data": self.external_data,
                "dynamic_axes": self.dynamic_axes, "runtime_note": self.runtime_note,
                "weight_dtype": self.weight_dtype}
-        for key in ("fusion", "parity"):
+        for key in ("fusion", "parity", "openvino"):
             value = getattr(self, key)
             if value is not None:
                 out[key] = value.to_dict()
