@@ -196,7 +196,7 @@ def test_latency_plans_near_fp32_are_retimed_run_for_run(monkeypatch):
         monkeypatch.setattr(planner, "quantized", lambda layers: (None, _Sleepy(quantized_s)))
         planner.fp32_copy = _Sleepy(float_s)
         assert planner.beats_float(best.layers, warmup=1, rounds=3) is expected
-    monkeypatch.setattr(plan_mod._Planner, "beats_float", lambda self, layers: False)
+    monkeypatch.setattr(plan_mod._Planner, "beats_float", lambda self, layers, **kwargs: False)
     monkeypatch.setattr(plan_mod, "NEAR_FLOAT", 1.0)  # every plan counts as near fp32
     plan = quantwise.plan(model, CALIB, closeness(model), 0.05, formats=("int8",),
                           objective="latency", progress=False, max_evaluations=10)

@@ -474,6 +474,8 @@ def _print_export(result, notes: list[str], as_json: bool) -> int:
         print(result.fusion.line())
         if result.openvino is not None:
             print(result.openvino.line())
+        elif result.openvino_note:
+            print(f"note: {result.openvino_note}")
         print(result.parity.table())
         if result.runtime_note:  # uint8 weights chosen here: a note; still saturating: a warning
             print(f"{'note' if result.weight_dtype == 'uint8' else 'warning'}: {result.runtime_note}")

@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from quantwise.config import Config
-from quantwise.errors import CalibrationError, CheckpointError, EvaluationError, OutputPathError
+from quantwise.errors import (CalibrationError, CheckpointError, EvaluationError, ModelLoadError,
+                              OutputPathError)
 from quantwise.data import corpus_split, load_calibration_data
 from quantwise.evaluate import (EvalResult, evaluate, float_checkpoint_bytes, folder_bytes,
                                 median_latency_ms)
@@ -337,7 +338,10 @@ def run_export_job(folder: str | Path, out: str | Path | None = None, model_ref:
     result.fusion = fusion_report(out)
     if openvino.available():  # the second runtime: which layers its CPU plugin runs in int8
         log("reading what OpenVINO runs")
-        result.openvino = openvino.openvino_report(out)
+        try:
+            result.openvino = openvino.openvino_report(out)
+        except ModelLoadError as exc:  # a second runtime's failure is a note, not the export's
+            result.openvino_note = str(exc)
     # the float model too: where rounding makes elementwise agreement impossible, the gate is
     # the model's own rounding spread plus quality vs fp32 (check.parity)
     result.parity = parity(qmodel, out, samples, per_layer=per_layer, max_rel_err=max_rel_err,

@@ -277,6 +277,7 @@ class _Planner:
         self.format_latency: dict[str, float] = {}
         if self.objective == "latency":
             self.fp32_latency = median_latency_ms(self.fp32_copy, self.latency_input, 2, 9)
+            fastest = None  # the fastest uniform quantized model (no_gain_possible times it)
             for fmt in self.formats:
                 if FORMATS[fmt] is None:
                     self.format_latency[fmt] = self.fp32_latency
@@ -284,11 +285,14 @@ class _Planner:
                 _, qmodel = self.quantized({n: fmt for n in self.layers})
                 self.format_latency[fmt] = median_latency_ms(qmodel, self.latency_input, 1, 5)
                 self._fused_blocks(fmt, qmodel)
+                if self.format_latency[fmt] == min(self.format_latency.values()):
+                    fastest = qmodel
                 del qmodel
             self.log("uniform latency (ms): " + ", ".join(f"{f} {v:.1f}" for f, v in self.format_latency.items()))
             self.ladder = self.ladder_for(self.format_latency)
-            if self.no_gain_possible():
+            if self.no_gain_possible(fastest):
                 return self.keep_float()
+            del fastest
         else:
             self.ladder = self.ladder_for(_BYTES_PER_WEIGHT)
         self.log("precision ladder: " + " -> ".join(self.ladder))
@@ -419,7 +423,7 @@ class _Planner:
                 if cand.met and self.cost(cand) < self.cost(current) * margin:
                     state, current, changed = trial, cand, True
 
-    def no_gain_possible(self) -> bool:
+    def no_gain_possible(self, fastest: nn.Module | None) -> bool:
         """Whether even the whole model in the fastest format (the lower bound of every plan's
         latency under the per-layer cost model: every layer at its cheapest, every encoder block
         fused) fails to beat fp32 by LATENCY_MARGIN, timed run for run. Asked only when the
@@ -430,7 +434,7 @@ class _Planner:
         if FORMATS[cheapest] is None or (self.format_latency[cheapest]
                                          < self.fp32_latency * (1 - CEILING_CHECK)):
             return False
-        if self.beats_float({n: cheapest for n in self.layers}):
+        if self.beats_float({n: cheapest for n in self.layers}, model=fastest):
             return False
         self.float_reason = (f"the whole model in {cheapest}, the fastest format here, did not "
                              f"measure {LATENCY_MARGIN:.0%} faster than fp32 run for run on this "
@@ -442,10 +446,12 @@ class _Planner:
         self.evaluate({n: "fp32" for n in self.layers}, "all fp32")
         return self.finish()
 
-    def beats_float(self, layers: dict[str, str], warmup: int = 2, rounds: int = 9) -> bool:
-        """Whether the plan `layers` is LATENCY_MARGIN faster than the float model, timed
-        alternately (one run of each per round, so load on the machine falls on both alike)."""
-        _, qmodel = self.quantized(layers)
+    def beats_float(self, layers: dict[str, str], warmup: int = 2, rounds: int = 9,
+                    model: nn.Module | None = None) -> bool:
+        """Whether the plan `layers` (already quantized: `model`) is LATENCY_MARGIN faster than
+        the float model, timed alternately (one run of each per round, so load on the machine
+        falls on both alike)."""
+        qmodel = self.quantized(layers)[1] if model is None else model
         times: dict[bool, list[float]] = {True: [], False: []}
         for i in range(warmup + rounds):
             for quantized, model in ((True, qmodel), (False, self.fp32_copy)):

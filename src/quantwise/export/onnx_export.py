@@ -44,6 +44,7 @@ class ExportResult:
     fusion: Any = None                # check.FusionReport, when asked for
     parity: Any = None                # check.ParityReport, when asked for
     openvino: Any = None              # openvino.OpenVINOReport, when openvino is installed
+    openvino_note: str | None = None  # why OpenVINO could not compile the file, if it could not
     runtime_note: str | None = None   # ONNX Runtime's u8 x s8 kernels saturate here (ort_exactness)
     weight_dtype: str = "int8"        # how 8-bit integer weights are stored: int8 or uint8 (+128)
 
@@ -56,7 +57,7 @@ class ExportResult:
         out = {"path": str(self.path), "opset": self.opset, "layers": len(self.layers),
                "notes": self.notes, "external_data": self.external_data,
                "dynamic_axes": self.dynamic_axes, "runtime_note": self.runtime_note,
-               "weight_dtype": self.weight_dtype}
+               "weight_dtype": self.weight_dtype, "openvino_note": self.openvino_note}
         for key in ("fusion", "parity", "openvino"):
             value = getattr(self, key)
             if value is not None:
