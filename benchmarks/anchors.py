@@ -162,7 +162,7 @@ def optimized_graph_ops(path: Path) -> dict[str, Any]:
     return {"product_ops": dict(sorted(products.items())),
             "int8_conv": f"{rep.conv_int8}/{rep.conv_total}",
             "int8_matmul": f"{rep.matmul_int8 + act_int8}/{rep.matmul_total + sum(acts.values())}",
-            "qdq_nodes_left": rep.op_counts.get("QuantizeLinear", 0) + rep.op_counts.get("DequantizeLinear", 0)}
+            "qdq_nodes_left": rep.qdq_left, "input_quant": rep.input_quant}
 
 
 def _batch_size(x: Any) -> int:

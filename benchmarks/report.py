@@ -69,7 +69,7 @@ def _notes(row: dict[str, Any], rows_expected: int) -> str:
         parts = [f"{kind} {info[key]}" for kind, key in (("Conv", "int8_conv"), ("MatMul/Gemm", "int8_matmul"))
                  if not info[key].endswith("/0")]
         notes.append("int8 kernels: " + ", ".join(parts))
-        if info.get("qdq_nodes_left", 0) > 2:  # one Q at the input and one DQ at the output are normal
+        if info.get("qdq_nodes_left", 0) > 1:  # one DQ at the output is normal
             notes.append(f"{info['qdq_nodes_left']} Q/DQ nodes left (float between them)")
     if "ov_int8_conv" in info:  # OpenVINO's runtime model: weight layers it runs in int8
         parts = [f"{kind} {info[key]}" for kind, key in (("Conv", "ov_int8_conv"),

@@ -110,7 +110,7 @@ def test_mlp_presets_export_and_agree(preset, tmp_path):
     assert _rel(got, ref) < tol, preset
     ops = {k.split(".")[-1]: v for k, v in fusion_report(result.path).op_counts.items()}
     if preset == "w8a8-dynamic":
-        assert ops.get("MatMulInteger", 0) == 3
+        assert ops.get("MatMulIntegerToFloat", 0) == 3
     if preset == "w4":
         assert ops.get("MatMulNBits", 0) == 3  # int4 weights stay packed at run time
     if preset == "w8a8":
@@ -135,6 +135,34 @@ def test_per_token_dynamic_is_exact_up_to_float_rounding(tmp_path):
     x = torch.randn(3, 11, 96)
     x[0, 3] *= 1000  # an outlier token must not coarsen the other tokens
     x[1, 4] = 0.0    # an all-zero token
+    with torch.no_grad():
+        ref = qmodel(x)
+    got = _run(path, x)
+    assert torch.allclose(got, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("granularity", ["per_token", "per_tensor"])
+@pytest.mark.parametrize("opset", [17, 20])
+def test_dynamic_linears_are_one_fused_integer_gemm(granularity, opset, tmp_path):
+    """Each dynamic Linear is one com.microsoft MatMulIntegerToFloat on the N-D input (row
+    scales applied in the kernel, no Reshape that would hide the rank from ONNX Runtime's
+    fusions), its bias a separate Add (the kernel would scale it by the row scale), and the
+    file computes what the PyTorch model does."""
+    from quantwise.config import Config
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 96), nn.GELU(), nn.Linear(96, 32)).eval()
+    cfg = Config.from_dict({"default": {"weight": {"format": "int8"}, "dynamic": True,
+                                        "activation": {"format": "int8", "symmetric": True,
+                                                       "granularity": granularity}}})
+    qmodel = quantwise.quantize(model, cfg, progress=False)
+    path = export_onnx(qmodel, torch.randn(2, 5, 64), tmp_path / "d.onnx", opset=opset).path
+    proto = onnx.load(str(path))
+    kinds = [n.op_type for n in proto.graph.node]
+    assert kinds.count("MatMulIntegerToFloat") == 2 and "MatMulInteger" not in kinds
+    assert "Reshape" not in kinds and "Round" not in kinds
+    x = torch.randn(3, 9, 64)
+    x[1, 2] *= 300  # an outlier token
     with torch.no_grad():
         ref = qmodel(x)
     got = _run(path, x)

@@ -67,7 +67,7 @@ def test_qdq_conv_runs_as_qlinearconv(tmp_path):
     rep = fusion_report(_qdq_conv(tmp_path))
     assert (rep.conv_int8, rep.conv_total) == (1, 1)
     assert rep.op_counts.get("com.microsoft.QLinearConv") == 1 and rep.float_compute == []
-    assert rep.qdq_left == 2  # the input's Q and the output's DQ
+    assert rep.qdq_left == 1 and rep.input_quant == 1  # the output's DQ; the input's Q feeds it
     assert rep.matmul_total == 0
     assert rep.line().startswith("ONNX Runtime runs 1/1 convs as integer kernels (QLinearConv x1)")
     json.dumps(rep.to_dict())
@@ -121,7 +121,7 @@ def test_qdq_matmul_without_output_q(tmp_path, bias, weight_zp, expected):
         assert rep.matmul_int8 == 0 and [op for _, op in rep.float_compute] == ["Gemm"]
     else:
         assert rep.matmul_int8 == 1 and rep.op_counts.get(expected) == 1 and rep.float_compute == []
-        assert rep.qdq_left == 1  # only the input's QuantizeLinear
+        assert rep.qdq_left == 0 and rep.input_quant == 1  # the input's QuantizeLinear feeds it
 
 
 def test_weight_only_int4_and_activation_matmuls(tmp_path):

@@ -193,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batches", type=int, default=4, help="sample batches for the parity check (default: 4)")
     e.add_argument("--max-rel-err", type=float, default=1e-2,
                    help="parity threshold: relative error of the outputs (default: 0.01)")
-    e.add_argument("--opset", type=int, default=18, help="ONNX opset (17 or newer; default: 18)")
+    e.add_argument("--opset", type=int, default=None, help="ONNX opset (17 or newer; default: 20)")
     e.add_argument("--weight-dtype", choices=("auto", "int8", "uint8"), default="auto",
                    help="storage of 8-bit weights: int8, or uint8 with zero point 128 (the same "
                         "values; exact in ONNX Runtime's u8 x u8 kernels on CPUs without VNNI, "

@@ -312,12 +312,13 @@ def _source(model_ref: str) -> str:
 
 def run_export_job(folder: str | Path, out: str | Path | None = None, model_ref: str | None = None,
                    data: str | None = None, max_rel_err: float = 1e-2, batches: int = 4,
-                   per_layer: bool = True, overwrite: bool = False, opset: int = 18,
+                   per_layer: bool = True, overwrite: bool = False, opset: int | None = None,
                    log: Callable[[str], None] = lambda _: None, weight_dtype: str = "auto"):
     """Reload FOLDER, export it as ONNX QDQ, then prove the file: what ONNX Runtime fuses into
     integer kernels, and parity with the PyTorch quantized model on calibration samples."""
     from quantwise.export import export_onnx
     from quantwise.export import openvino
+    from quantwise.export.onnx_export import DEFAULT_OPSET
     from quantwise.export.check import fusion_report, parity
 
     folder = Path(folder)
@@ -330,6 +331,7 @@ def run_export_job(folder: str | Path, out: str | Path | None = None, model_ref:
         raise CalibrationError(f"model {info.name!r} has no built-in sample data: pass --data "
                                "(a text file, or a folder of .npy / .safetensors inputs)")
     samples = load_calibration_data(spec, info)[:max(1, batches)]
+    opset = opset or DEFAULT_OPSET
     log(f"exporting to {out} (opset {opset})")
     result = export_onnx(qmodel, samples[0], out, opset=opset, overwrite=overwrite,
                          weight_dtype=weight_dtype)

@@ -93,9 +93,10 @@ class FusionReport:
     matmul_int8: int  # weight-only MatMulNBits included, also counted in `weight_only`
     matmul_total: int
     float_compute: list[tuple[str, str]]  # (node name, op type) of weight products left in float
-    qdq_left: int
+    qdq_left: int  # Q/DQ nodes not feeding an integer kernel: float runs between them
     int8_other: dict[str, int]
     weight_only: int = 0
+    input_quant: int = 0  # QuantizeLinear nodes whose every consumer is an integer kernel
     int8_products: dict[str, int] = field(default_factory=dict)  # integer kernels among the totals
     act_matmul: dict[str, int] = field(default_factory=dict)
 
@@ -113,6 +114,8 @@ class FusionReport:
         if self.act_matmul:
             acts = ", ".join(f"{k} x{v}" for k, v in self.act_matmul.items())
             text += f"; activation x activation products not counted: {acts}"
+        if self.input_quant:
+            text += f"; {self.input_quant} activation quantization{'' if self.input_quant == 1 else 's'} into them"
         return text + f"; {self.qdq_left} Q/DQ node{'' if self.qdq_left == 1 else 's'} left"
 
     def to_dict(self) -> dict[str, Any]:
@@ -130,6 +133,22 @@ def fusion_report(path: str | os.PathLike, threads: int = 1) -> FusionReport:
         except Exception as exc:  # noqa: BLE001 - missing or unreadable: same answer
             raise CheckpointError(f"ONNX Runtime wrote no readable optimized graph for {path}: {exc}") from exc
     return _classify(graph)
+
+
+_LAYOUT = frozenset({"Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten"})
+
+
+def _feeds_integer(graph: Any, name: str, depth: int = 0) -> bool:
+    """Every consumer of `name` is an integer kernel, also through layout ops (ORT puts a
+    Transpose between a QuantizeLinear and its NHWC QLinearConv)."""
+    users = [n for n in graph.node if name in n.input]
+
+    def integer(n: Any) -> bool:
+        op = n.op_type
+        if op in _LAYOUT:
+            return depth < 4 and _feeds_integer(graph, n.output[0], depth + 1)
+        return op in INT_CONV_OPS or op in INT_MATMUL_OPS or op.startswith("QLinear") or op in _INT_OTHER
+    return bool(users) and all(integer(n) for n in users)
 
 
 def _classify(graph: Any) -> FusionReport:
@@ -166,9 +185,11 @@ def _classify(graph: Any) -> FusionReport:
             ints[op] += 1
         else:
             floats.append((node.name, op))
-    qdq = sum(v for k, v in ops.items() if k in _QDQ)
+    feeding = sum(1 for n in graph.node
+                  if n.op_type == "QuantizeLinear" and _feeds_integer(graph, n.output[0]))
+    qdq = sum(v for k, v in ops.items() if k in _QDQ) - feeding
     return FusionReport(dict(ops), totals["conv_int"], totals["conv"], totals["matmul_int"],
-                        totals["matmul"], floats, qdq, dict(other),
+                        totals["matmul"], floats, qdq, dict(other), input_quant=feeding,
                         weight_only=sum(v for k, v in ints.items() if k in WEIGHT_ONLY_OPS),
                         int8_products=dict(ints), act_matmul=dict(act))
 

@@ -2,9 +2,10 @@
 decides per op whether to execute in int8; the runtime model's execution info says what it chose.
 
 OpenVINO reads DequantizeLinear -> MatMul / Conv patterns (static QDQ) as int8 FullyConnected /
-Convolution, but the dynamic pattern (DynamicQuantizeLinear -> MatMulInteger) it runs in float32
-(measured on all-MiniLM-L6-v2 w8a8-dynamic: 0/36 FullyConnected in int8, 36/36 for the static
-SmoothQuant export), so the report is the only way to know.
+Convolution, and the per-token pattern the export writes (QuantizeLinear -> com.microsoft
+MatMulIntegerToFloat: all-MiniLM-L6-v2 w8a8-dynamic 36/36 FullyConnected in int8), but the
+older MatMulInteger -> Cast -> Mul pattern it ran in float32 (0/36), so the report is the only
+way to know.
 """
 
 from __future__ import annotations

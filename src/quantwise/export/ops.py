@@ -7,7 +7,7 @@ is one custom op here, so it reaches ONNX as exactly the nodes runtimes pattern-
 |---------------------------|----------------------------------------|----------------------------------------|
 | quantwise::qdq            | fake-quantize, ONNX-exact rounding     | QuantizeLinear -> DequantizeLinear     |
 | quantwise::dq_weight      | (codes - zp) * scale along an axis     | DequantizeLinear of the int8 initializer |
-| quantwise::dynamic_matmul | run-time symmetric int8 (per token or per tensor) x int8 weight | ReduceMax/Div/Round/Clip/Cast, MatMulInteger, rescale |
+| quantwise::dynamic_matmul | run-time symmetric int8 (per token or per tensor) x int8 weight | ReduceMax/ReduceMin, Div, QuantizeLinear, com.microsoft MatMulIntegerToFloat |
 | quantwise::matmul_nbits   | int4 per-group weight-only matmul      | com.microsoft MatMulNBits              |
 | quantwise::dq_int4        | 4-bit codes -> float (axis or blocks)  | INT4 initializer -> DequantizeLinear (opset 21) |
 
@@ -22,6 +22,7 @@ from typing import Optional
 import numpy as np
 import onnx
 import torch
+from onnxscript import opset17 as op17
 from onnxscript import opset18 as op
 from onnxscript import opset21 as op21
 from onnxscript.values import Opset
@@ -51,6 +52,29 @@ def _register_matmul_nbits() -> None:
 
 
 _register_matmul_nbits()
+
+
+def _register_matmul_integer_to_float() -> None:
+    """ONNX Runtime's integer GEMM with the float rescale (and zero points) in the kernel."""
+    if "MatMulIntegerToFloat" in _MS:
+        return
+    S = onnx.defs.OpSchema
+    param = S.FormalParameter
+    opt = S.FormalParameterOption.Optional
+    schema = S(
+        "MatMulIntegerToFloat", "com.microsoft", 1, doc="ONNX Runtime's u8/s8 GEMM -> float",
+        inputs=[param("A", "T1"), param("B", "T2"), param("a_scale", "T3"), param("b_scale", "T3"),
+                param("a_zero_point", "T1", param_option=opt),
+                param("b_zero_point", "T2", param_option=opt),
+                param("bias", "T3", param_option=opt)],
+        outputs=[param("Y", "T3")],
+        type_constraints=[("T1", ["tensor(uint8)", "tensor(int8)"], "A"),
+                          ("T2", ["tensor(uint8)", "tensor(int8)"], "B"),
+                          ("T3", ["tensor(float)"], "scales, bias and output")])
+    onnx.defs.register_schema(schema)
+
+
+_register_matmul_integer_to_float()
 
 
 def _const(value, dtype) -> "op.Constant":
@@ -130,26 +154,34 @@ def _(x, codes_kn, w_scale, bias, per_token, qmax, w_zero_point=0):
 
 def dynamic_matmul_onnx(x, codes_kn, w_scale, bias, per_token: bool, qmax: int,
                         w_zero_point: int = 0):
-    k = codes_kn.shape[0]
-    lead = op.Shape(x, start=0, end=-1)
-    x2 = op.Reshape(x, _const([-1, k], np.int64))
-    absx = op.Abs(x2) if per_token else op.Reshape(op.Abs(x2), _const([1, -1], np.int64))
+    """Four passes over the activations (max, min, divide, quantize) and one fused GEMM.
+
+    ONNX Runtime's MatMulIntegerToFloat takes an [..., M, 1] A scale and an [N] B scale and
+    applies both in the kernel (measured exact, 1.32), on the N-D input as it is: no Reshape,
+    so shape inference keeps the rank and ONNX Runtime can fuse the bias Add that follows into
+    BiasGelu / SkipLayerNormalization. The bias stays outside the kernel, which would scale it by
+    the row scale. x / s is quantized by QuantizeLinear with scale 1 (rounds half to even,
+    saturates, casts in one pass): a per-axis QuantizeLinear with the row scales would save the
+    Div, but OpenVINO broadcasts a run-time per-axis scale along the wrong axis.
+    """
+    keep = 1 if per_token else 0
     if OPSET["version"] >= 18:
-        amax = op.ReduceMax(absx, _const([1], np.int64), keepdims=1)
-    else:  # ReduceMax took its axes as an attribute before opset 18; TopK(k=1) is the same max
-        amax, _ = op.TopK(absx, _const([1], np.int64), axis=1)
+        axes = (_const([-1], np.int64),) if per_token else ()
+        top = op.ReduceMax(x, *axes, keepdims=keep)
+        bottom = op.ReduceMin(x, *axes, keepdims=keep)
+    else:  # axes were an attribute before opset 18
+        axes = {"axes": [-1]} if per_token else {}
+        top = op17.ReduceMax(x, keepdims=keep, **axes)
+        bottom = op17.ReduceMin(x, keepdims=keep, **axes)
+    amax = op.Max(top, op.Neg(bottom))  # max |x| without an Abs pass over the activations
     s = op.Max(op.Div(amax, _const(float(qmax), np.float32)), _const(TINY, np.float32))
     # codes + 128 as uint8 with zero point 128: the same integers, and ONNX Runtime's fast
-    # (VNNI) MatMulInteger path is u8 x s8 (s8 x s8 measured 2.6x slower on MiniLM)
-    q = op.Cast(op.Add(op.Clip(op.Round(op.Div(x2, s)), _const(-float(qmax), np.float32),
-                               _const(float(qmax), np.float32)), _const(128.0, np.float32)),
-                to=onnx.TensorProto.UINT8)
-    zp = (_const(128, np.uint8),) + ((_const(w_zero_point, np.uint8),) if w_zero_point else ())
-    acc = op.Cast(op.MatMulInteger(q, codes_kn, *zp), to=onnx.TensorProto.FLOAT)
-    y = op.Mul(op.Mul(acc, s), w_scale)
-    if bias is not None:
-        y = op.Add(y, bias)
-    return op.Reshape(y, op.Concat(lead, _const([-1], np.int64), axis=0))
+    # (VNNI) integer GEMM is u8 x s8 (s8 x s8 measured 2.6x slower on MiniLM)
+    zp = _const(128, np.uint8)
+    q = op.QuantizeLinear(op.Div(x, s), _const(1.0, np.float32), zp)
+    w_zp = (_const(w_zero_point, np.uint8),) if w_zero_point else ()
+    y = _MS.MatMulIntegerToFloat(q, codes_kn, s, w_scale, zp, *w_zp)
+    return y if bias is None else op.Add(y, bias)
 
 
 # -- matmul_nbits: int4 weight-only, ONNX Runtime's blocked kernel ---------------------------------
