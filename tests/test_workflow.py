@@ -132,6 +132,22 @@ def test_tied_weights_quantized_once_and_shared():
     assert torch.nn.functional.cosine_similarity(qmodel(ids).flatten(), ref.flatten(), dim=0) > 0.99
 
 
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_embedding_with_one_scale_per_tensor(symmetric):
+    """A per-tensor weight config reaches embeddings too: the lookup dequantizes with the one
+    scale (it used to index the 0-d scale by token id and fail)."""
+    model = torch.nn.Sequential(torch.nn.Embedding(50, 16)).eval()
+    cfg = Config.from_dict({"default": {"weight": {"format": "int8", "symmetric": symmetric,
+                                                   "granularity": "per_tensor"}}})
+    qmodel = quantwise.quantize(model, cfg, None, progress=False)
+    layer = qmodel[0]
+    assert layer.weight_scale.dim() == 0
+    ids = torch.randint(0, 50, (3, 7))
+    w = (layer.codes().to(torch.int32) - layer.zero_points()).float() * layer.weight_scale
+    assert torch.equal(qmodel(ids), w[ids])
+    assert (qmodel(ids) - model(ids)).abs().max() <= float(layer.weight_scale) * 0.51
+
+
 def test_dict_inputs_and_rules_select_calibrators(tiny):
     class KwNet(torch.nn.Module):
         def __init__(self):

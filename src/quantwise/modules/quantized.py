@@ -159,7 +159,9 @@ class QuantizedLayer(nn.Module):
             rows = unpack_int4(rows, self.weight_shape[-1], self.weight_spec.format.is_signed)
         if not self.weight_spec.format.is_integer and self.weight_spec.format.value in ("fp16", "bf16"):
             return rows.float()
-        scale, zp = self.weight_scale[ids], self.zero_points()[ids]
+        scale, zp = self.weight_scale, self.zero_points()
+        if scale.dim():  # one scale per row or per group of a row; a per-tensor scale is 0-d
+            scale, zp = scale[ids], zp[ids]
         values = rows.to(torch.int32) if self.weight_spec.format.is_integer else rows.float()
         if isinstance(self.weight_spec.granularity, PerGroup):
             g = self.weight_spec.granularity.size
