@@ -138,17 +138,23 @@ def fusion_report(path: str | os.PathLike, threads: int = 1) -> FusionReport:
 _LAYOUT = frozenset({"Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten"})
 
 
-def _feeds_integer(graph: Any, name: str, depth: int = 0) -> bool:
-    """Every consumer of `name` is an integer kernel, also through layout ops (ORT puts a
-    Transpose between a QuantizeLinear and its NHWC QLinearConv)."""
-    users = [n for n in graph.node if name in n.input]
+def _input_quantizations(graph: Any) -> int:
+    """QuantizeLinear nodes whose every consumer is an integer kernel, also through layout ops
+    (ORT puts a Transpose between a QuantizeLinear and its NHWC QLinearConv)."""
+    users: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for name in node.input:
+            users.setdefault(name, []).append(node)
 
-    def integer(n: Any) -> bool:
-        op = n.op_type
-        if op in _LAYOUT:
-            return depth < 4 and _feeds_integer(graph, n.output[0], depth + 1)
-        return op in INT_CONV_OPS or op in INT_MATMUL_OPS or op.startswith("QLinear") or op in _INT_OTHER
-    return bool(users) and all(integer(n) for n in users)
+    def feeds(name: str, depth: int = 0) -> bool:
+        def integer(n: Any) -> bool:
+            if n.op_type in _LAYOUT:
+                return depth < 4 and feeds(n.output[0], depth + 1)
+            return n.op_type in INTEGER_OPS or n.op_type.startswith("QLinear") or n.op_type in _INT_OTHER
+
+        return bool(users.get(name)) and all(integer(n) for n in users[name])
+
+    return sum(1 for n in graph.node if n.op_type == "QuantizeLinear" and feeds(n.output[0]))
 
 
 def _classify(graph: Any) -> FusionReport:
@@ -185,8 +191,7 @@ def _classify(graph: Any) -> FusionReport:
             ints[op] += 1
         else:
             floats.append((node.name, op))
-    feeding = sum(1 for n in graph.node
-                  if n.op_type == "QuantizeLinear" and _feeds_integer(graph, n.output[0]))
+    feeding = _input_quantizations(graph)
     qdq = sum(v for k, v in ops.items() if k in _QDQ) - feeding
     return FusionReport(dict(ops), totals["conv_int"], totals["conv"], totals["matmul_int"],
                         totals["matmul"], floats, qdq, dict(other), input_quant=feeding,

@@ -4,9 +4,11 @@ ONNX Runtime (MLAS) picks its kernels from the CPU itself. Without VNNI its u8 x
 products in int16 pairs, as oneDNN's do, which saturates for full-range codes (its own docs
 recommend reduce_range or u8 x u8 there); its u8 x u8 kernels widen to int16 first and are
 exact. A one-node MatMulInteger graph is run on extreme codes and compared with the exact
-product (MatMulIntegerToFloat, QGemm and QLinearConv run the same MLAS QGEMM kernels: measured
-to saturate exactly where MatMulInteger does). Where u8 x s8 would saturate on a model's weight codes, the export writes the same
-weights as uint8 with zero point 128 (`weight_dtype`), which the u8 x u8 kernels sum exactly.
+product. MatMulIntegerToFloat, QGemm and QLinearConv run the same MLAS QGEMM kernels (on an
+AVX2-only EPYC MatMulIntegerToFloat's u8 x s8 was measured to saturate and its u8 x u8 to be
+exact, as MatMulInteger's). Where u8 x s8 would saturate on a model's weight codes, the export
+writes the same weights as uint8 with zero point 128 (`weight_dtype`), which the u8 x u8
+kernels sum exactly.
 """
 
 from __future__ import annotations
