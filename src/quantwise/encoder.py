@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quantwise.kernels import rowquant
 from quantwise.kernels.base import TINY, f32, shifted_weight_max
 from quantwise.kernels.int8_linear import (FbgemmLinear, IntMMLinear, OneDnnLinear, fbgemm_linear,
                                            fbgemm_prepack)
@@ -273,6 +274,10 @@ class FastBertLayer:
         self.i_mod, self.f_mod = parts["i"], parts["f"]
         self.onednn_ffn = all(x.static and isinstance(m.kernel, OneDnnLinear)
                               for x, m in ((self.i, self.i_mod), (self.f, self.f_mod)))
+        # Dynamic i and f on FBGEMM (AVX2-only CPUs): i's rescale and bias, GELU and f's input
+        # quantization in one C pass over i's output (kernels/rowquant.bias_gelu_quantize)
+        self.gelu_pass = (self.gelu == "none" and not self.i.static and not self.f.static
+                          and self.i.gemm == self.f.gemm == "fbgemm")
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
@@ -333,9 +338,12 @@ class FastBertLayer:
         else:
             if lin.smooth is not None:
                 x = torch.div(x, lin.smooth, out=out)
-            scale = torch.maximum(x.amax(dim=1, keepdim=True), x.amin(dim=1, keepdim=True).neg_())
-            scale = scale.div_(lin.qmax).clamp_(min=TINY)
-            t = torch.div(x, scale, out=out).round_()
+            if rowquant.available() and x.is_contiguous() and out.is_contiguous():
+                t, scale = rowquant.row_quantize(x, lin.qmax, out=out)  # the same bits, one pass
+            else:
+                scale = torch.maximum(x.amax(dim=1, keepdim=True), x.amin(dim=1, keepdim=True).neg_())
+                scale = scale.div_(lin.qmax).clamp_(min=TINY)
+                t = torch.div(x, scale, out=out).round_()
             if lin.gemm == "fbgemm":
                 return t, scale
         codes = self._buf("q" + key, x.shape, torch.int8)
@@ -400,6 +408,14 @@ class FastBertLayer:
             y, kf.quant.scale, kf.quant.zero_point, kf.packed, kf.w_scale, kf.w_zero_point, h1,
             kf.bias, 1.0, 0, torch.float32, 1.0, 0, "sum", 1.0, "none", [], "")
 
+    def _gelu_ffn(self, h1: torch.Tensor) -> torch.Tensor:
+        """f(GELU(i(h1))) on FBGEMM, GELU within ~1 float32 step of torch's (rowquant.bias_gelu_quantize)."""
+        i, f = self.i, self.f
+        codes, scale = self._quantize(h1, i, "h")
+        y = fbgemm_linear(codes, i.fb_zp, i.fb_packed())
+        codes, scale = rowquant.bias_gelu_quantize(y, scale, i.bias, f.smooth, f.qmax)
+        return self._linear(codes, scale, f.w_t, f.col_scale, f.bias, "i", fb=f.fb_packed(), zp=f.fb_zp)
+
     @staticmethod
     def _mask(mask: torch.Tensor | None, b: int, heads: int, t: int):
         """(per-key row mask [B*heads, 1, T] for baddbmm, or a full [B, 1, T, T] mask, or None)."""
@@ -462,6 +478,8 @@ class FastBertLayer:
         h1 = F.layer_norm(y, (hidden,), self.ln1.weight, self.ln1.bias, self.ln1.eps)
         if self.onednn_ffn:
             y = self._onednn_ffn(h1)
+        elif self.gelu_pass and rowquant.available():
+            y = self._gelu_ffn(h1).add_(h1)
         else:
             y = self._run(h1, self.i, "h")
             torch.ops.aten.gelu_(y, approximate=self.gelu)

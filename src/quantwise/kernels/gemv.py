@@ -49,8 +49,9 @@ from quantwise.kernels.base import tensor_bytes
 from quantwise.kernels.probe import _cpuinfo, cache_dir
 
 _CSRC = Path(__file__).parent / "csrc"
-# gemv.h: included by both GEMV files; decode.c: the float glue of runtime/decoder.py's loop
-_SOURCES = (_CSRC / "gemv.c", _CSRC / "gemv_vnni.c", _CSRC / "decode.c")
+# gemv.h: included by both GEMV files; decode.c: the float glue of runtime/decoder.py's loop;
+# rowquant.c: per-token quantization and rescale around the int8 GEMMs (kernels/rowquant.py)
+_SOURCES = (_CSRC / "gemv.c", _CSRC / "gemv_vnni.c", _CSRC / "decode.c", _CSRC / "rowquant.c")
 MAX_ROWS = 8
 _F, _I = ctypes.c_void_p, ctypes.c_int
 

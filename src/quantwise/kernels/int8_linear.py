@@ -28,6 +28,7 @@ from typing import Optional
 
 import torch
 
+from quantwise.kernels import rowquant
 from quantwise.kernels.base import (StaticAct, StaticI8Quantizer, StaticU8Quantizer,
                                     dynamic_scale, quantize_symmetric_i8, weight_shift,
                                     quantize_symmetric_u8, tensor_bytes)
@@ -261,8 +262,13 @@ class FbgemmLinear:
             t = torch.div(x2, self.scale_t).round_().clamp_(self.lo, self.hi)
             y = fbgemm_linear(t, self.zero_point, self.packed)
         else:
-            x2, s, bad = dynamic_scale(x2, self.qmax, per_row=self.per_token)
-            y = fbgemm_linear(torch.div(x2, s).round_(), 128, self.packed)
+            if self.per_token and rowquant.available():  # the same codes, one pass per row in C
+                codes, s = rowquant.row_quantize(x2.contiguous(), self.qmax)
+                bad = None
+            else:
+                x2, s, bad = dynamic_scale(x2, self.qmax, per_row=self.per_token)
+                codes = torch.div(x2, s).round_()
+            y = fbgemm_linear(codes, 128, self.packed)
             y = torch.addcmul(self.bias, y, s, out=y) if self.bias is not None else y.mul_(s)
             if bad is not None:
                 y.masked_fill_(bad, float("nan"))
