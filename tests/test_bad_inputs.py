@@ -76,8 +76,12 @@ def run_cli(case: Case) -> tuple[int, str, str]:
 def _run_interrupted(case: Case) -> tuple[int, str, str]:
     """A real process, sent SIGINT (Ctrl-C) once its log shows `interrupt_after`."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
+    # SIGINT back to its default in the child: a suite started in the background of a
+    # non-interactive shell (`pytest &`) inherits it ignored, Python then installs no
+    # KeyboardInterrupt handler, and the run ignores Ctrl-C and exits 0 (seen once)
     proc = subprocess.Popen([sys.executable, "-m", "quantwise", *case.argv], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+                            stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines = []
     deadline = time.monotonic() + 120
     for line in proc.stderr:
