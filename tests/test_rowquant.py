@@ -109,3 +109,17 @@ def test_bias_gelu_quantize_keeps_non_finite_rows_non_finite():
     codes, scale = rowquant.bias_gelu_quantize(y, torch.ones(4, 1), None, None, 127)
     assert torch.isnan(scale[1]) and torch.isnan(scale[2]) and codes[1:3].eq(0).all()
     assert torch.isfinite(scale[[0, 3]]).all()
+
+
+@needs_lib
+def test_softmax_against_torch_with_masked_and_non_finite_rows():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(24, 8, 70, generator=g) * 4
+    x[:, :, 50:] += torch.finfo(torch.float32).min  # masked keys, as the encoder's mask adds
+    x[3, 2, 7], x[5, 0, 0], x[6, 1, :] = float("nan"), float("inf"), float("-inf")
+    ref = torch.softmax(x, -1)
+    got = rowquant.softmax_(x.clone())
+    finite = torch.isfinite(ref)
+    assert torch.equal(finite, torch.isfinite(got))  # NaN rows stay NaN, none appear
+    assert (got[finite] - ref[finite]).abs().max() < 1e-6
+    assert torch.allclose(got[finite.all(-1)].sum(-1), torch.ones(1), atol=1e-5)

@@ -63,7 +63,7 @@ class _Layer(ctypes.Structure):  # csrc/gemv.c qw_layer
 
 def library_tag() -> str:
     """The C sources' and compiler's hash: names the built library and the probe's timings."""
-    text = b"".join(p.read_bytes() for p in (*_SOURCES, _CSRC / "gemv.h"))
+    text = b"".join(p.read_bytes() for p in (*_SOURCES, _CSRC / "gemv.h", _CSRC / "vec.h"))
     return hashlib.sha1(text + os.environ.get("CC", "cc").encode()).hexdigest()[:12]
 
 

@@ -33,7 +33,9 @@ def _lib():
         lib.qw_row_quantize.argtypes = [_F, _F, _F, _I, _I, ctypes.c_float, ctypes.c_float, _I]
         lib.qw_bias_gelu_quantize.argtypes = [_F, _F, _F, _F, _F, _I, _I, ctypes.c_float,
                                                ctypes.c_float, _I]
+        lib.qw_softmax_rows.argtypes = [_F, ctypes.c_int64, _I, _I]
         lib.qw_row_quantize.restype = lib.qw_bias_gelu_quantize.restype = None
+        lib.qw_softmax_rows.restype = None
         lib._rowquant_ready = True
     return lib
 
@@ -78,4 +80,15 @@ def bias_gelu_quantize(y: torch.Tensor, scale: torch.Tensor, bias: Optional[torc
     return y, out
 
 
-__all__ = ["available", "row_quantize", "bias_gelu_quantize"]
+def softmax_(scores: torch.Tensor) -> torch.Tensor:
+    """In place softmax over the last axis of contiguous float32 scores (the encoder's [B*heads,
+    T, T]): 2.2 -> ~0.6 ms at MiniLM's 384 x 64 x 64 on 2 Zen 1 cores, where torch's exp is the
+    cost. e^x by a degree-6 polynomial (relative error < 2e-7), so not torch's bits; NaN rows
+    stay NaN."""
+    lib = _lib()
+    n = scores.shape[-1]
+    lib.qw_softmax_rows(scores.data_ptr(), scores.numel() // n, n, _threads(lib, scores.numel()))
+    return scores
+
+
+__all__ = ["available", "row_quantize", "bias_gelu_quantize", "softmax_"]

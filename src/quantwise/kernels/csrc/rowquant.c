@@ -10,14 +10,7 @@
 #include <omp.h>
 #endif
 
-#define AVX2 __attribute__((target("avx2,fma")))
-
-AVX2 static inline float hmax8(__m256 v) {
-    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_max_ss(s, _mm_shuffle_ps(s, s, 1));
-    return _mm_cvtss_f32(s);
-}
+#include "vec.h"
 
 /* The row's scale from its max |x|: at least `tiny`; NaN if the row held a NaN, Inf if an Inf. */
 static inline float row_scale(float amax, int nan, float qmax, float tiny) {
@@ -155,5 +148,48 @@ AVX2 void qw_bias_gelu_quantize(float *y, const float *s, const float *bias, con
         }
         scale[i] = row_scale(amax, nan, qmax, tiny);
         row_codes(r, r, n, scale[i], 0);
+    }
+}
+
+/* Softmax over the last axis of rows x n scores, in place: the maximum, e^(x - max) (exp8:
+ * relative error < 2e-7) and their sum, then x * (1 / sum), as torch's softmax does the steps.
+ * A row holding a NaN or whose maximum is infinite gives NaN, as torch's (never a silent 0). */
+AVX2 void qw_softmax_rows(float *x, int64_t rows, int n, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
+    for (int64_t i = 0; i < rows; i++) {
+        float *r = x + i * n;
+        __m256 mx = _mm256_set1_ps(-INFINITY), bad = _mm256_setzero_ps();
+        int j = 0;
+        for (; j + 8 <= n; j += 8) {
+            const __m256 v = _mm256_loadu_ps(r + j);
+            bad = _mm256_or_ps(bad, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+            mx = _mm256_max_ps(mx, v);
+        }
+        float m = hmax8(mx);
+        int nan = _mm256_movemask_ps(bad) != 0;
+        for (; j < n; j++) {
+            if (isnan(r[j])) nan = 1;
+            if (r[j] > m) m = r[j];
+        }
+        if (nan || isinf(m)) {
+            for (j = 0; j < n; j++) r[j] = NAN;
+            continue;
+        }
+        const __m256 vm = _mm256_set1_ps(m);
+        __m256 sum = _mm256_setzero_ps();
+        for (j = 0; j + 8 <= n; j += 8) {
+            const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(r + j), vm));
+            _mm256_storeu_ps(r + j, e);
+            sum = _mm256_add_ps(sum, e);
+        }
+        float s = hsum8(sum);
+        for (; j < n; j++) {
+            r[j] = expf(r[j] - m);
+            s += r[j];
+        }
+        const float inv = 1.0f / s;
+        const __m256 vi = _mm256_set1_ps(inv);
+        for (j = 0; j + 8 <= n; j += 8) _mm256_storeu_ps(r + j, _mm256_mul_ps(_mm256_loadu_ps(r + j), vi));
+        for (; j < n; j++) r[j] *= inv;
     }
 }
