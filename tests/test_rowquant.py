@@ -112,14 +112,27 @@ def test_bias_gelu_quantize_keeps_non_finite_rows_non_finite():
 
 
 @needs_lib
-def test_softmax_against_torch_with_masked_and_non_finite_rows():
-    g = torch.Generator().manual_seed(5)
-    x = torch.randn(24, 8, 70, generator=g) * 4
-    x[:, :, 50:] += torch.finfo(torch.float32).min  # masked keys, as the encoder's mask adds
-    x[3, 2, 7], x[5, 0, 0], x[6, 1, :] = float("nan"), float("inf"), float("-inf")
-    ref = torch.softmax(x, -1)
-    got = rowquant.softmax_(x.clone())
-    finite = torch.isfinite(ref)
-    assert torch.equal(finite, torch.isfinite(got))  # NaN rows stay NaN, none appear
-    assert (got[finite] - ref[finite]).abs().max() < 1e-6
-    assert torch.allclose(got[finite.all(-1)].sum(-1), torch.ones(1), atol=1e-5)
+@pytest.mark.parametrize("b,heads,t,d", [(2, 3, 13, 16), (4, 12, 64, 32), (1, 2, 70, 64), (1, 1, 1, 8)])
+def test_attention_against_torch(b, heads, t, d):
+    g = torch.Generator().manual_seed(t + d)
+    q, k, v = (torch.randn(b * heads, t, d, generator=g) for _ in range(3))
+    q /= d ** 0.5
+    mask = torch.zeros(b * heads, t)
+    mask[:, t - t // 4:] = torch.finfo(torch.float32).min  # padded keys, as the encoder's mask
+    for m in (mask, None):
+        scores = q @ k.transpose(1, 2) + (0 if m is None else m[:, None, :])
+        ref = (torch.softmax(scores, -1) @ v).view(b, heads, t, d).permute(0, 2, 1, 3)
+        out = rowquant.attention(q, k, v, m, torch.empty(b, t, heads, d), heads)
+        assert (out - ref).abs().max() < 2e-6
+
+
+@needs_lib
+def test_attention_keeps_nan_rows_nan():
+    q, k, v = (torch.randn(2, 9, 8) for _ in range(3))
+    q[1, 4, 0] = float("nan")   # one query: its output row only
+    k[0, 2, 3] = float("inf")   # one key: every query of head 0 sees an infinite/NaN score
+    out = rowquant.attention(q, k, v, None, torch.empty(1, 9, 2, 8), 2)
+    ref = (torch.softmax(q @ k.transpose(1, 2), -1) @ v).view(1, 2, 9, 8).permute(0, 2, 1, 3)
+    assert torch.equal(torch.isnan(out), torch.isnan(ref)) and torch.isnan(out[0, 4, 1]).all()
+    finite = ~torch.isnan(ref)
+    assert (out[finite] - ref[finite]).abs().max() < 2e-6

@@ -463,20 +463,21 @@ class FastBertLayer:
                              out=heads[j:j + 1].permute(1, 3, 0, 2, 4), packed=lin.packed,
                              fb=lin.fb_packed(), zp=lin.fb_zp)
         q, k, v = (heads[j].view(b * nh, t, d) for j in range(3))
-        scores = self._buf("scores", (b * nh, t, t))
-        if row is not None:
-            torch.baddbmm(row, q, k.transpose(1, 2), out=scores)
-        else:
-            torch.bmm(q, k.transpose(1, 2), out=scores)
-            if full is not None:
-                scores.view(b, nh, t, t).add_(full)
-        if rowquant.available():  # e^x by a polynomial in C: torch's exp was most of it
-            rowquant.softmax_(scores)
-        else:
-            torch.ops.aten._softmax.out(scores, -1, False, out=scores)
-        ctx = torch.bmm(scores, v, out=self._buf("ctx", (b * nh, t, d)))
         tokens = self._buf("tokens", (b, t, nh, d))
-        tokens.permute(0, 2, 1, 3).copy_(ctx.view(b, nh, t, d))
+        if full is None and rowquant.attention_fits(d):  # in C, no [T, T] scores (rowquant)
+            rowquant.attention(q, k, v, None if row is None else row.reshape(b * nh, t).contiguous(),
+                               tokens, nh)
+        else:
+            scores = self._buf("scores", (b * nh, t, t))
+            if row is not None:
+                torch.baddbmm(row, q, k.transpose(1, 2), out=scores)
+            else:
+                torch.bmm(q, k.transpose(1, 2), out=scores)
+                if full is not None:
+                    scores.view(b, nh, t, t).add_(full)
+            torch.ops.aten._softmax.out(scores, -1, False, out=scores)
+            ctx = torch.bmm(scores, v, out=self._buf("ctx", (b * nh, t, d)))
+            tokens.permute(0, 2, 1, 3).copy_(ctx.view(b, nh, t, d))
         y = self._run(tokens.view(m, hidden), self.o, "h").add_(x)
         h1 = F.layer_norm(y, (hidden,), self.ln1.weight, self.ln1.bias, self.ln1.eps)
         if self.onednn_ffn:

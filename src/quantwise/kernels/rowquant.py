@@ -7,7 +7,8 @@ row, the division by the row scale, the rounding), which took 28 ms of all-MiniL
 and again from cache for its codes, at about the speed of a copy. It gives the same bits (IEEE
 division, round half to even), so a model's outputs do not depend on which path ran.
 `bias_gelu_quantize`: a BERT FFN's rescale, bias and GELU fused with the next quantization
-(encoder.py), not bit-identical (see there). The plain rescale after a GEMM stays torch's
+(encoder.py), not bit-identical (see there); `attention`: the encoder's softmax(q k^T + mask) v
+per head in one pass, written token-major. The plain rescale after a GEMM stays torch's
 addcmul: one pass already, at memory speed (a C loop measured no faster). Without the library
 (no compiler, not x86-64 with AVX2) callers keep the torch ops; QUANTWISE_ROWQUANT=off forces
 them.
@@ -33,9 +34,9 @@ def _lib():
         lib.qw_row_quantize.argtypes = [_F, _F, _F, _I, _I, ctypes.c_float, ctypes.c_float, _I]
         lib.qw_bias_gelu_quantize.argtypes = [_F, _F, _F, _F, _F, _I, _I, ctypes.c_float,
                                                ctypes.c_float, _I]
-        lib.qw_softmax_rows.argtypes = [_F, ctypes.c_int64, _I, _I]
         lib.qw_row_quantize.restype = lib.qw_bias_gelu_quantize.restype = None
-        lib.qw_softmax_rows.restype = None
+        lib.qw_attention.argtypes = [_F, _F, _F, _F, _F, ctypes.c_int64, _I, _I, _I, _F, _I]
+        lib.qw_attention.restype = None
         lib._rowquant_ready = True
     return lib
 
@@ -80,15 +81,24 @@ def bias_gelu_quantize(y: torch.Tensor, scale: torch.Tensor, bias: Optional[torc
     return y, out
 
 
-def softmax_(scores: torch.Tensor) -> torch.Tensor:
-    """In place softmax over the last axis of contiguous float32 scores (the encoder's [B*heads,
-    T, T]): 2.2 -> ~0.6 ms at MiniLM's 384 x 64 x 64 on 2 Zen 1 cores, where torch's exp is the
-    cost. e^x by a degree-6 polynomial (relative error < 2e-7), so not torch's bits; NaN rows
-    stay NaN."""
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
+              out: torch.Tensor, heads: int) -> torch.Tensor:
+    """softmax(q k^T + mask) v for contiguous float32 q, k, v [B * heads, T, d] (q pre-scaled),
+    mask [B * heads, T] added to every query's scores (None: no mask), written token-major
+    into contiguous `out` [B, T, heads, d]. Two query rows at a time in C: scores, softmax (as
+    torch's but e^x by a degree-6 polynomial, relative error < 2e-7; a NaN row stays NaN) and
+    P V without the [T, T] matrix or a layout copy. d % 8 == 0 (`attention_fits`)."""
     lib = _lib()
-    n = scores.shape[-1]
-    lib.qw_softmax_rows(scores.data_ptr(), scores.numel() // n, n, _threads(lib, scores.numel()))
-    return scores
+    bh, t, d = q.shape
+    threads = _threads(lib, bh * t * t)
+    scratch = torch.empty(threads, d * t + 2 * t)  # per thread: K transposed, two score rows
+    lib.qw_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), None if mask is None else mask.data_ptr(),
+                     out.data_ptr(), bh, heads, t, d, scratch.data_ptr(), threads)
+    return out
 
 
-__all__ = ["available", "row_quantize", "bias_gelu_quantize", "softmax_"]
+def attention_fits(d: int) -> bool:
+    return d % 8 == 0 and available()
+
+
+__all__ = ["available", "row_quantize", "bias_gelu_quantize", "attention", "attention_fits"]

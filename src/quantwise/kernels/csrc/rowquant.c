@@ -151,45 +151,140 @@ AVX2 void qw_bias_gelu_quantize(float *y, const float *s, const float *bias, con
     }
 }
 
-/* Softmax over the last axis of rows x n scores, in place: the maximum, e^(x - max) (exp8:
- * relative error < 2e-7) and their sum, then x * (1 / sum), as torch's softmax does the steps.
- * A row holding a NaN or whose maximum is infinite gives NaN, as torch's (never a silent 0). */
-AVX2 void qw_softmax_rows(float *x, int64_t rows, int n, int threads) {
-#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
-    for (int64_t i = 0; i < rows; i++) {
-        float *r = x + i * n;
-        __m256 mx = _mm256_set1_ps(-INFINITY), bad = _mm256_setzero_ps();
-        int j = 0;
-        for (; j + 8 <= n; j += 8) {
-            const __m256 v = _mm256_loadu_ps(r + j);
-            bad = _mm256_or_ps(bad, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-            mx = _mm256_max_ps(mx, v);
+/* softmax of one row of scores in place, unnormalised: returns 1 / sum (0 for a NaN row,
+ * which is then all NaN: a NaN score or an infinite maximum, as torch's softmax gives) */
+AVX2 static float exp_row(float *s, int n) {
+    __m256 mx = _mm256_set1_ps(-INFINITY), bad = _mm256_setzero_ps();
+    int j = 0;
+    for (; j + 8 <= n; j += 8) {
+        const __m256 v = _mm256_loadu_ps(s + j);
+        bad = _mm256_or_ps(bad, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+        mx = _mm256_max_ps(mx, v);
+    }
+    float m = hmax8(mx);
+    int nan = _mm256_movemask_ps(bad) != 0;
+    for (; j < n; j++) {
+        if (isnan(s[j])) nan = 1;
+        if (s[j] > m) m = s[j];
+    }
+    if (nan || isinf(m)) {
+        for (j = 0; j < n; j++) s[j] = NAN;
+        return 0.0f;
+    }
+    const __m256 vm = _mm256_set1_ps(m);
+    __m256 sum = _mm256_setzero_ps();
+    for (j = 0; j + 8 <= n; j += 8) {
+        const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), vm));
+        _mm256_storeu_ps(s + j, e);
+        sum = _mm256_add_ps(sum, e);
+    }
+    float total = hsum8(sum);
+    for (; j < n; j++) {
+        s[j] = expf(s[j] - m);
+        total += s[j];
+    }
+    return 1.0f / total;
+}
+
+/* scores of query rows qa and qb (qb may equal qa) against the keys of kt [d, t] (K transposed),
+ * plus the mask row, into sa and sb: 32 keys x 2 rows per step, each load of K used twice */
+AVX2 static void scores2(const float *qa, const float *qb, const float *kt, const float *mrow,
+                         float *sa, float *sb, int t, int d) {
+    int j0 = 0;
+    for (; j0 + 32 <= t; j0 += 32) {
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+        for (int c = 0; c < d; c++) {
+            const float *kr = kt + (int64_t)c * t + j0;
+            const __m256 k0 = _mm256_loadu_ps(kr), k1 = _mm256_loadu_ps(kr + 8),
+                         k2 = _mm256_loadu_ps(kr + 16), k3 = _mm256_loadu_ps(kr + 24);
+            const __m256 x = _mm256_set1_ps(qa[c]), y = _mm256_set1_ps(qb[c]);
+            a0 = _mm256_fmadd_ps(x, k0, a0); a1 = _mm256_fmadd_ps(x, k1, a1);
+            a2 = _mm256_fmadd_ps(x, k2, a2); a3 = _mm256_fmadd_ps(x, k3, a3);
+            b0 = _mm256_fmadd_ps(y, k0, b0); b1 = _mm256_fmadd_ps(y, k1, b1);
+            b2 = _mm256_fmadd_ps(y, k2, b2); b3 = _mm256_fmadd_ps(y, k3, b3);
         }
-        float m = hmax8(mx);
-        int nan = _mm256_movemask_ps(bad) != 0;
-        for (; j < n; j++) {
-            if (isnan(r[j])) nan = 1;
-            if (r[j] > m) m = r[j];
+        const __m256 ra[4] = {a0, a1, a2, a3}, rb[4] = {b0, b1, b2, b3};
+        for (int u = 0; u < 4; u++) {
+            const __m256 m = mrow ? _mm256_loadu_ps(mrow + j0 + 8 * u) : _mm256_setzero_ps();
+            _mm256_storeu_ps(sa + j0 + 8 * u, _mm256_add_ps(ra[u], m));
+            _mm256_storeu_ps(sb + j0 + 8 * u, _mm256_add_ps(rb[u], m));
         }
-        if (nan || isinf(m)) {
-            for (j = 0; j < n; j++) r[j] = NAN;
-            continue;
+    }
+    for (; j0 < t; j0++) {
+        float x = 0.0f, y = 0.0f;
+        for (int c = 0; c < d; c++) {
+            x += qa[c] * kt[(int64_t)c * t + j0];
+            y += qb[c] * kt[(int64_t)c * t + j0];
         }
-        const __m256 vm = _mm256_set1_ps(m);
-        __m256 sum = _mm256_setzero_ps();
-        for (j = 0; j + 8 <= n; j += 8) {
-            const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(r + j), vm));
-            _mm256_storeu_ps(r + j, e);
-            sum = _mm256_add_ps(sum, e);
+        sa[j0] = mrow ? x + mrow[j0] : x;
+        sb[j0] = mrow ? y + mrow[j0] : y;
+    }
+}
+
+/* o = (sum_j s_j v_j) * inv for 8 columns at a time of v [t, ld] (from column 0 of vc) */
+AVX2 static void pv(const float *s, const float *vc, int64_t ld, int t, int d, float inv, float *o) {
+    const __m256 vi = _mm256_set1_ps(inv);
+    int c0 = 0;
+    for (; c0 + 32 <= d; c0 += 32) {
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int j = 0; j < t; j++) {
+            const __m256 p = _mm256_set1_ps(s[j]);
+            const float *vr = vc + (int64_t)j * ld + c0;
+            a0 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vr), a0);
+            a1 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vr + 8), a1);
+            a2 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vr + 16), a2);
+            a3 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vr + 24), a3);
         }
-        float s = hsum8(sum);
-        for (; j < n; j++) {
-            r[j] = expf(r[j] - m);
-            s += r[j];
+        _mm256_storeu_ps(o + c0, _mm256_mul_ps(a0, vi));
+        _mm256_storeu_ps(o + c0 + 8, _mm256_mul_ps(a1, vi));
+        _mm256_storeu_ps(o + c0 + 16, _mm256_mul_ps(a2, vi));
+        _mm256_storeu_ps(o + c0 + 24, _mm256_mul_ps(a3, vi));
+    }
+    for (; c0 < d; c0 += 8) {
+        __m256 a = _mm256_setzero_ps();
+        for (int j = 0; j < t; j++)
+            a = _mm256_fmadd_ps(_mm256_set1_ps(s[j]), _mm256_loadu_ps(vc + (int64_t)j * ld + c0), a);
+        _mm256_storeu_ps(o + c0, _mm256_mul_ps(a, vi));
+    }
+}
+
+/* One BERT layer's attention after its Q/K/V GEMM: q, k, v [bh, t, d] head-major (bh = batch
+ * x heads; q already scaled by 1/sqrt(d)), `mask` [bh, t] added to every query's scores (NULL:
+ * none), softmax over keys, P V written token-major: out[b, i, h, :] for b = x / heads, h = x %
+ * heads (the layout the output projection reads). Two query rows at a time: their scores stay
+ * in L1 (K transposed once per head), no [t, t] matrix, no separate softmax or layout pass.
+ * d % 8 == 0; `scratch`: threads x (d t + 2 t) floats. */
+AVX2 void qw_attention(const float *q, const float *k, const float *v, const float *mask,
+                       float *out, int64_t bh, int heads, int t, int d, float *scratch, int threads) {
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+#ifdef _OPENMP
+        const int me = omp_get_thread_num();
+#else
+        const int me = 0;
+#endif
+        /* scratch: per thread, K transposed [d, t] and two score rows */
+        float *kt = scratch + (int64_t)me * ((int64_t)d * t + 2 * t), *s = kt + (int64_t)d * t;
+#pragma omp for schedule(static)
+        for (int64_t x = 0; x < bh; x++) {
+            const float *qx = q + x * t * d, *kx = k + x * t * d, *vx = v + x * t * d;
+            const float *mrow = mask ? mask + x * t : 0;
+            const int64_t b = x / heads, h = x % heads;
+            for (int j = 0; j < t; j++)
+                for (int c = 0; c < d; c++) kt[(int64_t)c * t + j] = kx[(int64_t)j * d + c];
+            for (int i = 0; i < t; i += 2) {
+                const int two = i + 1 < t;
+                scores2(qx + (int64_t)i * d, qx + (int64_t)(i + two) * d, kt, mrow, s, s + t, t, d);
+                for (int r = 0; r <= two; r++) {
+                    float *o = out + ((b * t + i + r) * heads + h) * d;
+                    const float inv = exp_row(s + (int64_t)r * t, t);
+                    if (inv == 0.0f) {
+                        for (int c = 0; c < d; c++) o[c] = NAN;
+                        continue;
+                    }
+                    pv(s + (int64_t)r * t, vx, d, t, d, inv, o);
+                }
+            }
         }
-        const float inv = 1.0f / s;
-        const __m256 vi = _mm256_set1_ps(inv);
-        for (j = 0; j + 8 <= n; j += 8) _mm256_storeu_ps(r + j, _mm256_mul_ps(_mm256_loadu_ps(r + j), vi));
-        for (; j < n; j++) r[j] *= inv;
     }
 }
