@@ -1,5 +1,5 @@
-"""Per-token quantization around the int8 GEMMs in one pass over each row, in C (csrc/rowquant.c,
-built into the GEMV library).
+"""The row passes of the encoder fast path in C (csrc/rowquant.c, built into the GEMV library):
+per-token quantization, the FFN's middle, the attention.
 
 `row_quantize`: in torch the same arithmetic is four passes over the input (amax and amin per
 row, the division by the row scale, the rounding), which took 28 ms of all-MiniLM-L6-v2's
@@ -98,7 +98,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[
 
 
 def attention_fits(d: int) -> bool:
-    return d % 8 == 0 and available()
+    """Where `attention` runs: head sizes of whole vectors, on CPUs whose widest vectors are
+    AVX2's (measured faster there; on AVX-512 CPUs torch's batched GEMMs use 512-bit FMAs this
+    AVX2 code lacks, not measured against, so they keep torch's ops; ONEDNN_MAX_CPU_ISA=AVX2
+    counts as AVX2, as for the other AVX2 paths)."""
+    from quantwise.kernels.probe import effective_isa
+
+    return d % 8 == 0 and available() and effective_isa() not in ("avx512", "avx512_vnni", "amx")
 
 
 __all__ = ["available", "row_quantize", "bias_gelu_quantize", "attention", "attention_fits"]
