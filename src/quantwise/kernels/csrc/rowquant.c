@@ -1,6 +1,7 @@
-/* Per-token quantization before a dynamic int8 GEMM (kernels/rowquant.py): the row's max |x|,
- * then its codes, while the row is in cache. Bit-identical to torch's amax / amin / div /
- * round: IEEE division (not a multiply by the reciprocal), round half to even.
+/* The row passes of the encoder fast path (kernels/rowquant.py), each while a row is in cache:
+ * per-token quantization before a dynamic int8 GEMM (the row's max |x|, then its codes;
+ * bit-identical to torch's amax / amin / div / round: IEEE division, round half to even), a BERT
+ * FFN's rescale + bias + GELU + next quantization, and attention per head.
  * Compiled with gemv.c (AVX2 target, the same library and OpenMP runtime). */
 #include <math.h>
 #include <stdint.h>
