@@ -50,7 +50,7 @@ from quantwise.kernels.probe import _cpuinfo, cache_dir
 
 _CSRC = Path(__file__).parent / "csrc"
 # gemv.h: included by both GEMV files; decode.c: the float glue of runtime/decoder.py's loop;
-# rowquant.c: per-token quantization and rescale around the int8 GEMMs (kernels/rowquant.py)
+# rowquant.c: the encoder fast path's row passes and attention (kernels/rowquant.py)
 _SOURCES = (_CSRC / "gemv.c", _CSRC / "gemv_vnni.c", _CSRC / "decode.c", _CSRC / "rowquant.c")
 MAX_ROWS = 8
 _F, _I = ctypes.c_void_p, ctypes.c_int
