@@ -180,3 +180,20 @@ def test_a_slow_first_call_is_a_warm_up_not_the_timing():
     out = probe_mod._time_candidates({"fast": fast, "warm": warm, "scalar": scalar})
     assert out["warm"] < 5.0 and calls["warm"] > 2
     assert out["scalar"] >= 60.0
+
+
+@pytest.mark.parametrize("onednn", [EXACT, PAIRS])
+def test_per_token_order_prefers_fbgemm_where_onednn_sums_int16_pairs(onednn, monkeypatch):
+    """Without VNNI a lucky oneDNN timing must not decide the per-token kernel (bimodal at the
+    probe's 128 rows); on AMX oneDNN leads, elsewhere _int_mm."""
+    from quantwise.kernels import select
+
+    monkeypatch.delenv("QUANTWISE_INT8_GEMM", raising=False)
+    p = probe()
+    monkeypatch.setitem(p.data, "accumulation", {**p.accumulation, "onednn_linear": onednn})
+    order = select.default_per_token_order()
+    assert sorted(order) == sorted(LINEAR)
+    if probe_mod.cpu_isa() == "amx":
+        assert order[0] == "onednn_linear"
+    else:
+        assert order[0] == ("fbgemm_linear" if onednn == PAIRS else "int_mm")

@@ -38,11 +38,20 @@ def _forced() -> Optional[list[str]]:
 
 def default_per_token_order() -> list[str]:
     """Preference before timing: oneDNN on AMX CPUs (it uses the tiles), _int_mm elsewhere (2x
-    faster at M=1 on AVX-512 VNNI, measured); FBGEMM last (the fastest exact one on AVX2-only
-    CPUs, where the timing picks it). QUANTWISE_INT8_GEMM=onednn|int_mm|fbgemm forces one."""
+    faster at M=1 on AVX-512 VNNI, measured); FBGEMM first where oneDNN's int8 GEMM only sums
+    int16 pairs (no VNNI, or ONEDNN_MAX_CPU_ISA below it): there FBGEMM was as fast or faster at
+    every MiniLM shape, while oneDNN's time at the probe's 128 rows is bimodal within one
+    machine (2.2 or 4.4 ms at 128 x 1536 x 384 on Zen 1, by process history), so a lucky probe
+    sent some layers to it and cost the encoder its fused FFN pass (encoder.py).
+    QUANTWISE_INT8_GEMM=onednn|int_mm|fbgemm forces one."""
     from quantwise.kernels.probe import cpu_isa
-    return _forced() or (["onednn_linear", "int_mm", "fbgemm_linear"] if cpu_isa() == "amx"
-                         else ["int_mm", "onednn_linear", "fbgemm_linear"])
+    if _forced():
+        return _forced()
+    if cpu_isa() == "amx":
+        return ["onednn_linear", "int_mm", "fbgemm_linear"]
+    if probe().saturates("onednn_linear"):
+        return ["fbgemm_linear", "int_mm", "onednn_linear"]
+    return ["int_mm", "onednn_linear", "fbgemm_linear"]
 
 
 def default_affine_order() -> list[str]:
