@@ -7,7 +7,7 @@ row, the division by the row scale, the rounding), which took 28 ms of all-MiniL
 and again from cache for its codes, at about the speed of a copy. It gives the same bits (IEEE
 division, round half to even), so a model's outputs do not depend on which path ran.
 `bias_gelu_quantize`: a BERT FFN's rescale, bias and GELU fused with the next quantization
-(encoder.py), not bit-identical (see there); `attention`: the encoder's softmax(q k^T + mask) v
+(encoder/layer.py), not bit-identical (see there); `attention`: the encoder's softmax(q k^T + mask) v
 per head in one pass, written token-major. The plain rescale after a GEMM stays torch's
 addcmul: one pass already, at memory speed (a C loop measured no faster). Without the library
 (no compiler, not x86-64 with AVX2) callers keep the torch ops; QUANTWISE_ROWQUANT=off forces

@@ -42,7 +42,7 @@ def default_per_token_order() -> list[str]:
     int16 pairs (no VNNI, or ONEDNN_MAX_CPU_ISA below it): there FBGEMM was as fast or faster at
     every MiniLM shape, while oneDNN's time at the probe's 128 rows is bimodal within one
     machine (2.2 or 4.4 ms at 128 x 1536 x 384 on Zen 1, by process history), so a lucky probe
-    sent some layers to it and cost the encoder its fused FFN pass (encoder.py).
+    sent some layers to it and cost the encoder its fused FFN pass (encoder/layer.py).
     QUANTWISE_INT8_GEMM=onednn|int_mm|fbgemm forces one."""
     from quantwise.kernels.probe import cpu_isa
     if _forced():

@@ -27,7 +27,7 @@ stream and hence the function. There the division is explicit: the parent module
 group (BertSelfAttention for Q/K/V, BertIntermediate) gets a `smooth_scale` buffer and a forward
 that divides its input by it before calling the Linears (the Linears, and so the quantizer's
 observers, see X / s). It costs one elementwise division per group in the per-layer path and
-nothing in the encoder fast path (encoder.py folds 1/s into the static input quantization's
+nothing in the encoder fast path (encoder/ folds 1/s into the static input quantization's
 division). `restore_prescale` re-installs these forwards on a fresh model (io.load).
 
 Alpha: fixed, or per group the alpha of `alphas` with the lowest output error after fake

@@ -1,232 +1,21 @@
-"""The encoder fast path: BERT-style layers whose Linears run int8 GEMMs (per-token dynamic
-or static per-tensor inputs, in any mix; static layers are described at `_Lin` and
-`FastBertLayer._onednn_ffn`).
-
-Eager Hugging Face BERT layers quantize the same input three times (query, key, value), copy
-Q/K/V into head-major layouts, allocate every temporary afresh (on this machine the page
-faults of those allocations cost as much as the attention math), and run GELU out of place.
-For a layer whose six Linears are per-token dynamic int8 (`IntMMLinear`), this pass installs a
-forward that does the same math with:
-
-- one per-token quantization and one int8 GEMM for Q, K and V (weights concatenated once, the
-  1/sqrt(head_dim) scaling folded into Q's weight scales and bias);
-- a GEMM epilogue that writes Q/K/V straight into a head-major [3, B, heads, T, d] buffer, then
-  baddbmm (mask added inside), in-place softmax and bmm;
-- in-place GELU, in-place residual adds, and per-thread reusable buffers for the temporaries
-  (one set shared by all layers: the size of one layer's temporaries).
-
-Quantization codes and scales are those of the per-layer path (same function, same inputs);
-outputs differ only by float summation order (attention) and the folded scaling. The layer's own
-forward is kept: training mode, cross-attention, caches or unexpected arguments run it
-unchanged. Only `layer.forward` changes (an instance attribute); modules and state_dict do not.
-"""
+"""FastBertLayer: the installed forward of one BERT-style layer (the package docstring says
+what it fuses)."""
 
 from __future__ import annotations
 
 import math
 import threading
-from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quantwise.encoder.parts import Lin, gelu_approximation
 from quantwise.kernels import rowquant
-from quantwise.kernels.base import TINY, f32, shifted_weight_max
-from quantwise.kernels.int8_linear import (FbgemmLinear, IntMMLinear, OneDnnLinear, fbgemm_linear,
-                                           fbgemm_prepack)
-from quantwise.kernels.select import fbgemm_fits, int_mm_fits
-from quantwise.modules import QuantizedLayer
-from quantwise.spec import Format, PerTensor
-from quantwise.state import QuantState
+from quantwise.kernels.base import TINY
+from quantwise.kernels.int8_linear import OneDnnLinear, fbgemm_linear, fbgemm_prepack
 
 _SCRATCH = threading.local()  # reusable temporaries of the fast layers, per thread
-
-
-@dataclass
-class EncoderReport:
-    layers: list[str] = field(default_factory=list)
-    skipped: dict[str, str] = field(default_factory=dict)  # layer -> why it runs as before
-
-    def line(self) -> str:
-        if not self.layers and not self.skipped:
-            return ""
-        text = (f"encoder fast path: {len(self.layers)} BERT-style layers fused (one int8 GEMM for "
-                f"Q/K/V, head-major attention, reused buffers)")
-        if self.skipped:
-            first = next(iter(self.skipped.items()))
-            text += f"; {len(self.skipped)} not ({first[0]}: {first[1]})"
-        return text
-
-
-def _per_token_kernel(module: Any) -> IntMMLinear | FbgemmLinear | None:
-    kernel = getattr(module, "kernel", None)
-    if (isinstance(module, QuantizedLayer) and module.kind == "linear"
-            and isinstance(kernel, (IntMMLinear, FbgemmLinear)) and not kernel.static
-            and kernel.per_token
-            and kernel.w_zero_point is None):
-        return kernel
-    return None
-
-
-def _static_int8(module: Any) -> bool:
-    """A Linear with static per-tensor int8/uint8 input and symmetric int8 per-output-channel
-    weights (whatever kernel the per-layer path picked: the fast path uses the codes)."""
-    if not (isinstance(module, QuantizedLayer) and module.kind == "linear" and not module.dynamic
-            and module.act_spec is not None and module.weight_zero_point is None
-            and module.weight_spec.format == Format.INT8 and module.tied_to is None
-            and module.kernel is not None and module.fallback_reason is None):
-        return False
-    act = module.act_spec
-    if not (act.format in (Format.INT8, Format.UINT8) and isinstance(act.granularity, PerTensor)
-            and module.weight_scale.numel() == module.weight_shape[0]):
-        return False
-    # the fast path runs static Linears on _int_mm or FBGEMM (or oneDNN for the FFN pair): only
-    # where the probe found one exact for these codes and not slower than float (kernels.select)
-    return _static_gemm(module) is not None
-
-
-def _static_gemm(module: QuantizedLayer) -> str | None:
-    n, k = module.weight_shape
-    wmax = shifted_weight_max(module.weight)
-    if int_mm_fits(255, wmax, k, n):
-        return "int_mm"
-    return "fbgemm" if fbgemm_fits(255, wmax) else None
-
-
-class _Lin:
-    """What the fast path needs of one Linear: int8 weight [K, N] (a view), the float scale
-    per output column, the bias, and for static inputs the quantization constants.
-
-    Static: y = acc * (w_scale * x_scale) + (bias - zx * colsum(W) * w_scale * x_scale), where
-    acc = _int_mm(codes - 0, W) with codes = clamp(round(x / (x_scale * s)) + zx) in int8
-    (uint8 inputs shifted by -128 together with their zero point); `s` is the explicit
-    SmoothQuant division (or 1). Dynamic (per-token): the per-layer IntMMLinear arithmetic.
-    On FBGEMM (`gemm == "fbgemm"`, AVX2-only CPUs) the codes stay float32 minus their zero
-    point, FBGEMM takes the zero point itself (no bias correction), and static layers get the
-    scales and bias in its epilogue; its packed weights are built on first use (`fb_packed`)."""
-
-    def __init__(self, module: QuantizedLayer, smooth: torch.Tensor | None = None) -> None:
-        kernel = _per_token_kernel(module)
-        self.static = kernel is None
-        self.smooth = None if smooth is None else smooth.detach().to(torch.float32).contiguous()
-        self.module = None if self.static else module
-        self._fb = None
-        self.fb_zp = 128  # FBGEMM's uint8 zero point (dynamic codes: symmetric int8 + 128)
-        if not self.static:
-            self.gemm = "fbgemm" if isinstance(kernel, FbgemmLinear) else "int_mm"
-            w_t = module.weight.to(torch.int8).t() if self.gemm == "fbgemm" else kernel.w_t
-            self.w_t, self.col_scale, self.bias = w_t, kernel.w_scale, kernel.bias
-            self.qmax = kernel.qmax
-            return
-        self.gemm = _static_gemm(module)
-        act = module.act_spec
-        shift = 0 if act.format.is_signed else -128
-        codes = module.weight.to(torch.int8)
-        self.w_t = codes.t()
-        x_scale = f32(module.input_scale)
-        self.zp = int(module.input_zero_point) + shift
-        self.lo, self.hi = act.qmin + shift, act.qmax + shift
-        self.x_scale = x_scale
-        self.div = (torch.tensor(x_scale, dtype=torch.float32) if self.smooth is None
-                    else (self.smooth * x_scale).contiguous())
-        self.col_scale = (module.weight_scale.to(torch.float32) * x_scale).contiguous()
-        bias = (torch.zeros(codes.shape[0]) if module.bias is None
-                else module.bias.detach().to(torch.float32))
-        self.fb_zp = self.zp + 128
-        if self.zp and self.gemm == "int_mm":
-            colsum = codes.sum(dim=1, dtype=torch.int32).to(torch.float64)
-            bias = (bias.double() - self.zp * colsum * self.col_scale.double()).float()
-        self.bias = bias.contiguous()
-
-    @property
-    def packed(self) -> torch.Tensor | None:
-        """Dynamic on AMX CPUs: the layer kernel's oneDNN weights (int8_linear.IntMMLinear),
-        read through the module, whose copies rebuild their kernel (opaque tensors don't copy)."""
-        if self.module is None or self.gemm == "fbgemm":
-            return None
-        return getattr(self.module.kernel, "packed", None)
-
-    def fb_packed(self):
-        """FBGEMM's weights with this Lin's final column scales (and, static, bias)."""
-        if self.gemm != "fbgemm":
-            return None
-        if self._fb is None:
-            self._fb = fbgemm_prepack(self.w_t.t(), self.col_scale,
-                                      self.bias if self.static else None)
-        return self._fb
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_fb": None}  # FBGEMM's packed weights: rebuilt on use
-
-    def same_input(self, other: _Lin) -> bool:
-        if self.static != other.static:
-            return False
-        if self.gemm != other.gemm:
-            return False
-        if not self.static:
-            return self.qmax == other.qmax
-        return (self.zp, self.lo, self.hi) == (other.zp, other.lo, other.hi) and torch.equal(
-            self.div, other.div)
-
-
-def _bert_parts(layer: nn.Module) -> dict | None:
-    """The submodules of a BERT-style layer, or None if `layer` does not look like one."""
-    try:
-        att = layer.attention
-        parts = {"self": att.self, "q": att.self.query, "k": att.self.key, "v": att.self.value,
-                 "o": att.output.dense, "ln1": att.output.LayerNorm,
-                 "i": layer.intermediate.dense, "act": layer.intermediate.intermediate_act_fn,
-                 "f": layer.output.dense, "ln2": layer.output.LayerNorm}
-    except AttributeError:
-        return None
-    if not all(isinstance(parts[k], nn.LayerNorm) for k in ("ln1", "ln2")):
-        return None
-    return parts
-
-
-def _why_not(layer: nn.Module, parts: dict) -> str | None:
-    if getattr(layer, "is_decoder", False) or getattr(layer, "add_cross_attention", False):
-        return "decoder / cross-attention layer"
-    if getattr(layer, "chunk_size_feed_forward", 0):
-        return "chunked feed-forward"
-    if not all(_per_token_kernel(parts[k]) or _static_int8(parts[k])
-               for k in ("q", "k", "v", "o", "i", "f")):
-        return ("its Linears are not all int8 (per-token dynamic, or static per-tensor) with "
-                "symmetric per-channel weights")
-    heads = getattr(parts["self"], "num_attention_heads", None)
-    if not heads or parts["q"].weight_shape[0] % heads:
-        return "unknown number of attention heads"
-    if _gelu_approximation(parts["act"]) is None:
-        return f"activation {type(parts['act']).__name__} is not GELU"
-    return None
-
-
-def _gelu_approximation(act: nn.Module) -> str | None:
-    if isinstance(act, nn.GELU):
-        return act.approximate
-    inner = getattr(act, "act", None)  # transformers' GELUActivation wraps F.gelu
-    if type(act).__name__ == "GELUActivation" and inner is F.gelu:
-        return "none"
-    return None
-
-
-def apply_encoder_fastpath(model: nn.Module, state: QuantState) -> EncoderReport:
-    report = EncoderReport()
-    for name, module in model.named_modules():
-        parts = _bert_parts(module)
-        if parts is None or not isinstance(parts["q"], QuantizedLayer):
-            continue
-        why = _why_not(module, parts)
-        if why:
-            report.skipped[name] = why
-            continue
-        original = type(module).forward.__get__(module)
-        object.__setattr__(module, "forward", FastBertLayer(module, parts, original))
-        report.layers.append(name)
-    state.encoder = report
-    return report
 
 
 class FastBertLayer:
@@ -240,9 +29,9 @@ class FastBertLayer:
         scaling = float(getattr(parts["self"], "scaling", 1.0 / math.sqrt(self.head_dim)))
         pre_qkv = getattr(parts["self"], "smooth_scale", None)  # SmoothQuant's explicit division
         pre_i = getattr(layer.intermediate, "smooth_scale", None)
-        q, k, v = (_Lin(parts[n], pre_qkv) for n in "qkv")
-        self.o, self.f = _Lin(parts["o"]), _Lin(parts["f"])
-        self.i = _Lin(parts["i"], pre_i)
+        q, k, v = (Lin(parts[n], pre_qkv) for n in "qkv")
+        self.o, self.f = Lin(parts["o"]), Lin(parts["f"])
+        self.i = Lin(parts["i"], pre_i)
         self.static = any(x.static for x in (q, k, v, self.o, self.i, self.f))
         n = hidden
         zeros = torch.zeros(n)
@@ -267,7 +56,7 @@ class FastBertLayer:
             self._qkv_fb = None
         self.projs = (q, k, v)
         self.ln1, self.ln2 = parts["ln1"], parts["ln2"]
-        self.gelu = _gelu_approximation(parts["act"])
+        self.gelu = gelu_approximation(parts["act"])
         # Static intermediate + output Linears on oneDNN: GELU and the requantization to f's
         # uint8 input run in i's GEMM epilogue, and the residual add in f's ("sum" post-op).
         # The modules are kept (not their kernels): deepcopy rebuilds a module's kernel.
@@ -321,7 +110,7 @@ class FastBertLayer:
         return t
 
     # -- pieces --------------------------------------------------------------------------------
-    def _quantize(self, x: torch.Tensor, lin: _Lin, key: str, inplace: bool = False):
+    def _quantize(self, x: torch.Tensor, lin: Lin, key: str, inplace: bool = False):
         """int8 codes of x for `lin` and the per-row scale (None for static inputs).
 
         Dynamic: per-token symmetric, exactly as kernels.base.dynamic_scale +
@@ -390,7 +179,7 @@ class FastBertLayer:
             z = self._zeros = torch.zeros(n, dtype=torch.int64)
         return z[:n]
 
-    def _run(self, x: torch.Tensor, lin: _Lin, key: str, inplace: bool = False) -> torch.Tensor:
+    def _run(self, x: torch.Tensor, lin: Lin, key: str, inplace: bool = False) -> torch.Tensor:
         codes, scale = self._quantize(x, lin, key, inplace)
         return self._linear(codes, scale, lin.w_t, lin.col_scale, lin.bias, key, packed=lin.packed,
                             fb=lin.fb_packed(), zp=lin.fb_zp)
@@ -490,9 +279,3 @@ class FastBertLayer:
             y = self._run(y, self.f, "i", inplace=True).add_(h1)
         out = F.layer_norm(y, (hidden,), self.ln2.weight, self.ln2.bias, self.ln2.eps)
         return out.view(b, t, hidden)
-
-
-def remove_encoder_fastpath(model: nn.Module) -> None:
-    for module in model.modules():
-        if isinstance(module.__dict__.get("forward"), FastBertLayer):
-            del module.__dict__["forward"]
