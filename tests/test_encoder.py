@@ -7,6 +7,7 @@ import torch
 
 import quantwise
 from quantwise.encoder import FastBertLayer, remove_encoder_fastpath
+from quantwise.kernels import rowquant
 from quantwise.state import get_state
 
 transformers = pytest.importorskip("transformers")
@@ -77,6 +78,9 @@ def test_both_per_token_gemms_agree_fast_and_per_layer(gemm, monkeypatch):
     assert ("oneDNN" in kernel.name) == (gemm == "onednn")
     assert ("FBGEMM" in kernel.name) == (gemm == "fbgemm")
     assert len(get_state(q).encoder.layers) == len(q.encoder.layer)
+    if gemm == "fbgemm" and rowquant.available():  # the C passes between the FBGEMM GEMMs
+        fast_layer = q.encoder.layer[0].__dict__["forward"]
+        assert fast_layer.gelu_pass and fast_layer.norm_pass
     slow = copy.deepcopy(q)
     remove_encoder_fastpath(slow)
     batch = _inputs(pad=True)

@@ -136,3 +136,53 @@ def test_attention_keeps_nan_rows_nan():
     assert torch.equal(torch.isnan(out), torch.isnan(ref)) and torch.isnan(out[0, 4, 1]).all()
     finite = ~torch.isnan(ref)
     assert (out[finite] - ref[finite]).abs().max() < 2e-6
+
+
+def _norm(n, g):
+    norm = torch.nn.LayerNorm(n)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5, generator=g)
+        norm.bias.normal_(generator=g)
+    return norm
+
+
+@needs_lib
+@pytest.mark.parametrize("with_bias,with_smooth", [(True, False), (False, False), (True, True)])
+@pytest.mark.parametrize("m,n", [(3, 13), (256, 384)])
+def test_residual_layernorm_against_torch(with_bias, with_smooth, m, n):
+    g = torch.Generator().manual_seed(m * n)
+    y = torch.randn(m, n, generator=g) * 40
+    s = torch.rand(m, 1, generator=g) / 20
+    res = torch.randn(m, n, generator=g) * 3
+    bias = torch.randn(n, generator=g) if with_bias else None
+    smooth = torch.rand(n, generator=g) + 0.5 if with_smooth else None
+    norm = _norm(n, g)
+    with torch.no_grad():
+        v = (torch.addcmul(bias, y, s) if with_bias else y * s).add_(res)
+        ref = torch.nn.functional.layer_norm(v, (n,), norm.weight, norm.bias, norm.eps)
+        ref_codes, ref_scale = _torch_codes(ref / smooth if with_smooth else ref, 127)
+        h, codes, scale = rowquant.residual_layernorm(y.clone(), s, bias, res, norm, smooth, 127)
+        assert (h - ref).abs().max() < 1e-5 * ref.abs().max()  # float32 rounding, not a step
+        assert (scale - ref_scale).abs().le(1e-5 * ref_scale).all()
+        diff = (codes - ref_codes).abs()
+        assert diff.max() <= 1 and diff.sum() <= max(2, codes.numel() // 10_000)
+        alone, none, no_scale = rowquant.residual_layernorm(y.clone(), s, bias, res, norm)
+        assert none is None and no_scale is None and torch.equal(alone, h)
+
+
+@needs_lib
+def test_residual_layernorm_keeps_non_finite_rows_non_finite():
+    g = torch.Generator().manual_seed(3)
+    y, res = torch.randn(4, 24, generator=g), torch.randn(4, 24, generator=g)
+    y[1, 3], res[2, 0] = float("nan"), float("inf")
+    h, codes, scale = rowquant.residual_layernorm(y, torch.ones(4, 1), None, res, _norm(24, g), None, 127)
+    assert torch.isnan(h[1:3]).all() and torch.isfinite(h[[0, 3]]).all()
+    assert torch.isnan(scale[1:3]).all() and codes[1:3].eq(0).all() and torch.isfinite(scale[[0, 3]]).all()
+
+
+def test_residual_layernorm_fits_only_affine_float32_norms():
+    assert rowquant.residual_layernorm_fits(torch.nn.LayerNorm(8), 8)
+    assert not rowquant.residual_layernorm_fits(torch.nn.LayerNorm(8), 16)
+    assert not rowquant.residual_layernorm_fits(torch.nn.LayerNorm(8, elementwise_affine=False), 8)
+    assert not rowquant.residual_layernorm_fits(torch.nn.LayerNorm(8, bias=False), 8)
+    assert not rowquant.residual_layernorm_fits(torch.nn.LayerNorm(8).double(), 8)

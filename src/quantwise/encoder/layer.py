@@ -67,6 +67,12 @@ class FastBertLayer:
         # quantization in one C pass over i's output (kernels/rowquant.bias_gelu_quantize)
         self.gelu_pass = (self.gelu == "none" and not self.i.static and not self.f.static
                           and self.i.gemm == self.f.gemm == "fbgemm")
+        # ... and with a dynamic output projection there too: o's and f's rescale, bias,
+        # residual and LayerNorm in one pass each, the first also quantizing i's input
+        # (kernels/rowquant.residual_layernorm)
+        self.norm_pass = (self.gelu_pass and not self.o.static and self.o.gemm == "fbgemm"
+                          and all(rowquant.residual_layernorm_fits(ln, hidden)
+                                  for ln in (self.ln1, self.ln2)))
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
@@ -205,6 +211,19 @@ class FastBertLayer:
         codes, scale = rowquant.bias_gelu_quantize(y, scale, i.bias, f.smooth, f.qmax)
         return self._linear(codes, scale, f.w_t, f.col_scale, f.bias, "i", fb=f.fb_packed(), zp=f.fb_zp)
 
+    def _norm_ffn(self, ctx: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """From the attention's output to the layer's: o, LayerNorm 1, the FFN and LayerNorm 2 on
+        FBGEMM with three C passes between the four GEMMs (`norm_pass`)."""
+        o, i, f = self.o, self.i, self.f
+        codes, scale = self._quantize(ctx, o, "h")
+        y = fbgemm_linear(codes, o.fb_zp, o.fb_packed())
+        h1, codes, scale = rowquant.residual_layernorm(y, scale, o.bias, x, self.ln1, i.smooth, i.qmax,
+                                                       codes=self._buf("divh", x.shape))
+        y = fbgemm_linear(codes, i.fb_zp, i.fb_packed())
+        codes, scale = rowquant.bias_gelu_quantize(y, scale, i.bias, f.smooth, f.qmax)
+        y = fbgemm_linear(codes, f.fb_zp, f.fb_packed())
+        return rowquant.residual_layernorm(y, scale, f.bias, h1, self.ln2)[0]
+
     @staticmethod
     def _mask(mask: torch.Tensor | None, b: int, heads: int, t: int):
         """(per-key row mask [B*heads, 1, T] for baddbmm, or a full [B, 1, T, T] mask, or None)."""
@@ -267,6 +286,8 @@ class FastBertLayer:
             torch.ops.aten._softmax.out(scores, -1, False, out=scores)
             ctx = torch.bmm(scores, v, out=self._buf("ctx", (b * nh, t, d)))
             tokens.permute(0, 2, 1, 3).copy_(ctx.view(b, nh, t, d))
+        if self.norm_pass and rowquant.available():
+            return self._norm_ffn(tokens.view(m, hidden), x).view(b, t, hidden)
         y = self._run(tokens.view(m, hidden), self.o, "h").add_(x)
         h1 = F.layer_norm(y, (hidden,), self.ln1.weight, self.ln1.bias, self.ln1.eps)
         if self.onednn_ffn:

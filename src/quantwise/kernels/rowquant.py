@@ -1,5 +1,5 @@
 """The row passes of the encoder fast path in C (csrc/rowquant.c, built into the GEMV library):
-per-token quantization, the FFN's middle, the attention.
+per-token quantization, the FFN's middle, the residual + LayerNorm, the attention.
 
 `row_quantize`: in torch the same arithmetic is four passes over the input (amax and amin per
 row, the division by the row scale, the rounding), which took 28 ms of all-MiniLM-L6-v2's
@@ -37,7 +37,9 @@ def _lib():
                                                ctypes.c_float, _I]
         lib.qw_row_quantize.restype = lib.qw_bias_gelu_quantize.restype = None
         lib.qw_attention.argtypes = [_F, _F, _F, _F, _F, ctypes.c_int64, _I, _I, _I, _F, _I]
-        lib.qw_attention.restype = None
+        lib.qw_residual_layernorm.argtypes = [_F, _F, _F, _F, _F, _F, ctypes.c_float, _I, _I, _F, _F,
+                                              _F, ctypes.c_float, ctypes.c_float, _I]
+        lib.qw_attention.restype = lib.qw_residual_layernorm.restype = None
         lib._rowquant_ready = True
     return lib
 
@@ -82,6 +84,43 @@ def bias_gelu_quantize(y: torch.Tensor, scale: torch.Tensor, bias: Optional[torc
     return y, out
 
 
+def residual_layernorm(y: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor],
+                       residual: torch.Tensor, norm: torch.nn.LayerNorm,
+                       smooth: Optional[torch.Tensor] = None, qmax: Optional[int] = None,
+                       codes: Optional[torch.Tensor] = None
+                       ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """After a per-token GEMM, in place: y [M, N] (before its row scale) becomes
+    norm(y * scale + bias + residual); with `qmax`, also the next per-token GEMM's codes of
+    that / smooth (into `codes` if given) and their row scales. Returns (y, codes, scales).
+    One pass per row instead of torch's five (addcmul, add_, layer_norm, then the next
+    quantization's two); the norm's mean and variance are not summed in torch's order, so y
+    differs from F.layer_norm by float32 rounding and a code where it lands on a boundary.
+    `norm` must have a weight and a bias (`residual_layernorm_fits`)."""
+    lib = _lib()
+    m, n = y.shape
+    cs = None
+    if qmax is not None:
+        codes = torch.empty_like(y) if codes is None else codes
+        cs = torch.empty(m, 1)
+    else:
+        codes = None
+    lib.qw_residual_layernorm(
+        y.data_ptr(), scale.data_ptr(), None if bias is None else bias.data_ptr(), residual.data_ptr(),
+        norm.weight.data_ptr(), norm.bias.data_ptr(), float(norm.eps), m, n,
+        None if smooth is None else smooth.data_ptr(), None if codes is None else codes.data_ptr(),
+        None if cs is None else cs.data_ptr(), float(qmax or 0), TINY, _threads(lib, m * n))
+    return y, codes, cs
+
+
+def residual_layernorm_fits(norm: torch.nn.Module, width: int) -> bool:
+    """Where `residual_layernorm` can stand in for `norm`: a float32 LayerNorm over the last
+    `width` features with a weight and a bias."""
+    return (isinstance(norm, torch.nn.LayerNorm) and tuple(norm.normalized_shape) == (width,)
+            and norm.weight is not None and norm.bias is not None
+            and norm.weight.dtype == norm.bias.dtype == torch.float32
+            and norm.weight.is_contiguous() and norm.bias.is_contiguous())
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
               out: torch.Tensor, heads: int) -> torch.Tensor:
     """softmax(q k^T + mask) v for contiguous float32 q, k, v [B * heads, T, d] (q pre-scaled),
@@ -108,4 +147,5 @@ def attention_fits(d: int) -> bool:
     return d % 8 == 0 and available() and effective_isa() not in ("avx512", "avx512_vnni", "amx")
 
 
-__all__ = ["available", "row_quantize", "bias_gelu_quantize", "attention", "attention_fits"]
+__all__ = ["available", "row_quantize", "bias_gelu_quantize", "residual_layernorm",
+           "residual_layernorm_fits", "attention", "attention_fits"]

@@ -1,7 +1,8 @@
 /* The row passes of the encoder fast path (kernels/rowquant.py), each while a row is in cache:
  * per-token quantization before a dynamic int8 GEMM (the row's max |x|, then its codes;
  * bit-identical to torch's amax / amin / div / round: IEEE division, round half to even), a BERT
- * FFN's rescale + bias + GELU + next quantization, and attention per head.
+ * FFN's rescale + bias + GELU + next quantization, the residual + LayerNorm (+ next
+ * quantization) after a GEMM, and attention per head.
  * Compiled with gemv.c (AVX2 target, the same library and OpenMP runtime). */
 #include <math.h>
 #include <stdint.h>
@@ -149,6 +150,78 @@ AVX2 void qw_bias_gelu_quantize(float *y, const float *s, const float *bias, con
         }
         scale[i] = row_scale(amax, nan, qmax, tiny);
         row_codes(r, r, n, scale[i], 0);
+    }
+}
+
+/* After a per-token dynamic GEMM, the residual and LayerNorm in one pass per row:
+ * v = acc * s + bias (one rounding, as torch's addcmul), v += res (as add_), then h = (v -
+ * mean) * rstd * gamma + beta (mean, then the variance of the centred values, both over the
+ * row while it is in cache; not torch's summation order, so h differs from F.layer_norm by
+ * float32 rounding), written over acc. Where `codes` is not NULL also the next per-token
+ * GEMM's input: codes of h / smooth (smooth NULL: h) by x * (1 / scale), scales in `cscale`.
+ * bias, smooth: NULL for none; gamma, beta: [n]. A row holding NaN / Inf is NaN after the
+ * norm, as in torch, and its codes 0 with a NaN scale. */
+AVX2 void qw_residual_layernorm(float *y, const float *s, const float *bias, const float *res,
+                                const float *gamma, const float *beta, float eps, int m, int n,
+                                const float *smooth, float *codes, float *cscale, float qmax,
+                                float tiny, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
+    for (int i = 0; i < m; i++) {
+        float *r = y + (int64_t)i * n;
+        const float *x = res + (int64_t)i * n;
+        const __m256 vs = _mm256_set1_ps(s[i]);
+        __m256 sum = _mm256_setzero_ps();
+        int j = 0;
+        for (; j + 8 <= n; j += 8) {
+            const __m256 a = _mm256_loadu_ps(r + j);
+            __m256 v = bias ? _mm256_fmadd_ps(a, vs, _mm256_loadu_ps(bias + j)) : _mm256_mul_ps(a, vs);
+            v = _mm256_add_ps(v, _mm256_loadu_ps(x + j));
+            _mm256_storeu_ps(r + j, v);
+            sum = _mm256_add_ps(sum, v);
+        }
+        float total = hsum8(sum);
+        for (; j < n; j++) {
+            r[j] = (bias ? fmaf(r[j], s[i], bias[j]) : r[j] * s[i]) + x[j];
+            total += r[j];
+        }
+        const float mean = total / n;
+        const __m256 vm = _mm256_set1_ps(mean);
+        __m256 sq = _mm256_setzero_ps();
+        for (j = 0; j + 8 <= n; j += 8) {
+            const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(r + j), vm);
+            sq = _mm256_fmadd_ps(d, d, sq);
+        }
+        float var = hsum8(sq);
+        for (; j < n; j++) var += (r[j] - mean) * (r[j] - mean);
+        const float rstd = 1.0f / sqrtf(var / n + eps);
+        const __m256 vr = _mm256_set1_ps(rstd), sign = _mm256_set1_ps(-0.0f);
+        __m256 mx = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
+        float *c = codes ? codes + (int64_t)i * n : 0;
+        for (j = 0; j + 8 <= n; j += 8) {
+            const __m256 d = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(r + j), vm), vr);
+            const __m256 h = _mm256_fmadd_ps(d, _mm256_loadu_ps(gamma + j), _mm256_loadu_ps(beta + j));
+            _mm256_storeu_ps(r + j, h);
+            if (c) {
+                const __m256 t = smooth ? _mm256_div_ps(h, _mm256_loadu_ps(smooth + j)) : h;
+                _mm256_storeu_ps(c + j, t);
+                bad = _mm256_or_ps(bad, _mm256_cmp_ps(t, t, _CMP_UNORD_Q));
+                mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, t));
+            }
+        }
+        float amax = hmax8(mx);
+        int nan = _mm256_movemask_ps(bad) != 0;
+        for (; j < n; j++) {
+            r[j] = fmaf((r[j] - mean) * rstd, gamma[j], beta[j]);
+            if (c) {
+                c[j] = smooth ? r[j] / smooth[j] : r[j];
+                if (isnan(c[j])) nan = 1;
+                if (fabsf(c[j]) > amax) amax = fabsf(c[j]);
+            }
+        }
+        if (c) {
+            cscale[i] = row_scale(amax, nan, qmax, tiny);
+            row_codes(c, c, n, cscale[i], 0);
+        }
     }
 }
 
