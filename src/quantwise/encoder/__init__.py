@@ -32,6 +32,7 @@ from torch import nn
 
 from quantwise.encoder.layer import FastBertLayer
 from quantwise.encoder.parts import bert_parts, why_not
+from quantwise.kernels.heap import keep_freed_memory
 from quantwise.modules import QuantizedLayer
 from quantwise.state import QuantState
 
@@ -40,6 +41,7 @@ from quantwise.state import QuantState
 class EncoderReport:
     layers: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)  # layer -> why it runs as before
+    heap: str | None = None  # what kernels/heap.keep_freed_memory did, if anything
 
     def line(self) -> str:
         if not self.layers and not self.skipped:
@@ -49,6 +51,8 @@ class EncoderReport:
         if self.skipped:
             first = next(iter(self.skipped.items()))
             text += f"; {len(self.skipped)} not ({first[0]}: {first[1]})"
+        if self.heap:
+            text += f"; {self.heap}"
         return text
 
 
@@ -65,9 +69,10 @@ def apply_encoder_fastpath(model: nn.Module, state: QuantState) -> EncoderReport
         original = type(module).forward.__get__(module)
         object.__setattr__(module, "forward", FastBertLayer(module, parts, original))
         report.layers.append(name)
+    if report.layers:  # FBGEMM's per-call buffers, reused instead of page-faulted in (kernels/heap)
+        report.heap = keep_freed_memory()
     state.encoder = report
     return report
-
 
 
 def remove_encoder_fastpath(model: nn.Module) -> None:
