@@ -22,16 +22,17 @@ from quantwise.kernels.probe import _gemm_fns, isa_label, probe, time_ms
 
 GEMMS = [(2048, 384, 384), (2048, 384, 1536), (2048, 1536, 384), (1, 4096, 4096), (8, 4096, 4096)]
 CONVS = [(64, 56), (128, 28), (256, 14), (512, 7)]  # ResNet-18 3x3 convs, batch 8
+INT8_GEMMS = ("onednn_linear", "int_mm", "fbgemm_linear")  # the selector's Linear candidates
 
 
 def gemm_row(m: int, k: int, n: int) -> dict:
     fns = _gemm_fns(m, k, n)
     times = {name: time_ms(fn, budget_s=0.3, max_runs=15) for name, fn in fns.items()}
     gops = {name: 2 * m * k * n / (t * 1e6) for name, t in times.items()}
-    exact = [c for c in ("onednn_linear", "int_mm") if probe().exact_for(c, 127, 64)]
+    exact = [c for c in INT8_GEMMS if c in gops and probe().exact_for(c, 127, 64)]
     best = max(exact, key=lambda c: gops[c]) if exact else None
     return {"shape": f"GEMM {m} x {k} x {n}", "fp32_gops": gops["fp32"],
-            **{f"{c}_gops": gops.get(c) for c in ("onednn_linear", "int_mm")},
+            **{f"{c}_gops": gops.get(c) for c in INT8_GEMMS},
             "best_int8": best, "ceiling": gops[best] / gops["fp32"] if best else None}
 
 
@@ -65,13 +66,13 @@ def measure(threads: int = 2) -> dict:
 def markdown(res: dict) -> str:
     lines = [f"Ceiling on {res['cpu']}, {res['isa']}, {res['threads']} threads; int8 sums: "
              + ", ".join(f"{k} {v}" for k, v in sorted(res["accumulation"].items())), "",
-             "| shape | fp32 GOPS | oneDNN int8 | `_int_mm` | best int8 / fp32 |", "|---|---|---|---|---|"]
+             "| shape | fp32 GOPS | oneDNN int8 | `_int_mm` | FBGEMM | best int8 / fp32 |",
+             "|---|---|---|---|---|---|"]
     for r in res["rows"]:
         one = r.get("onednn_linear_gops") or r.get("onednn_conv_gops")
-        mm = r.get("int_mm_gops")
-        mm_text = "" if mm is None else f"{mm:.1f}"
+        cells = ["" if r.get(k) is None else f"{r[k]:.1f}" for k in ("int_mm_gops", "fbgemm_linear_gops")]
         ceil_text = "-" if r["ceiling"] is None else f"{r['ceiling']:.2f}x"
-        lines.append(f"| {r['shape']} | {r['fp32_gops']:.1f} | {one:.1f} | {mm_text} | {ceil_text} |")
+        lines.append(f"| {r['shape']} | {r['fp32_gops']:.1f} | {one:.1f} | {' | '.join(cells)} | {ceil_text} |")
     return "\n".join(lines)
 
 

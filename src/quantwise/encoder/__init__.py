@@ -13,7 +13,11 @@ forward that does the same math with:
 - a GEMM epilogue that writes Q/K/V straight into a head-major [3, B, heads, T, d] buffer, then
   baddbmm (mask added inside), in-place softmax and bmm;
 - in-place GELU, in-place residual adds, and per-thread reusable buffers for the temporaries
-  (one set shared by all layers: the size of one layer's temporaries).
+  (one set shared by all layers: the size of one layer's temporaries);
+- on FBGEMM (AVX2-only CPUs), C passes between the GEMMs where the library is built
+  (kernels/rowquant.py): the attention per head, the FFN's rescale + bias + GELU + next
+  quantization, and each rescale + residual + LayerNorm (+ next quantization); and glibc set
+  to reuse the buffers FBGEMM allocates on every call (kernels/heap.py).
 
 Quantization codes and scales are those of the per-layer path (same function, same inputs);
 outputs differ only by float summation order (attention) and the folded scaling. The layer's own
