@@ -87,6 +87,22 @@ def test_ctrl_c_during_calibration_exits_130_and_writes_nothing(tmp_path, capsys
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
+def test_ctrl_c_after_the_save_names_what_was_finished(tmp_path, capsys, monkeypatch):
+    """Interrupted while the HTML report is written: the checkpoint is already whole on disk, so
+    the message must not say that nothing was written."""
+    import quantwise.report
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(quantwise.report, "write_report", interrupted)
+    out, page = tmp_path / "out", tmp_path / "r.html"
+    assert main(["quantize", "--out", str(out), "--report", str(page), "--quiet"]) == 130
+    err = capsys.readouterr().err
+    assert f"finished before it: {out}" in err and "nothing else was written" in err, err
+    assert (out / "quantwise.json").exists() and not page.exists()
+
+
 def test_benchmark_a_saved_folder(tmp_path, capsys):
     out = tmp_path / "q"
     assert main(["quantize", "--out", str(out), "--quiet"]) == 0

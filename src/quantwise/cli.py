@@ -12,6 +12,7 @@ import warnings
 
 from quantwise.config import CALIBRATORS, PRESETS
 from quantwise.errors import QuantwiseError, QuantwiseWarning
+from quantwise.fileio import outputs_mark, outputs_since
 
 QUANTIZE_EPILOG = """\
 examples:
@@ -331,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         if why:
             log(why)
             args.stream = True
+    mark = outputs_mark()
     try:
         from quantwise.job import (run_analyze_job, run_benchmark_job, run_export_job,  # heavy imports
                                    run_quantize_job)
@@ -412,8 +414,10 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "stream", False):
             print("quantwise: interrupted; the finished blocks are kept: run the same command "
                   "with --resume to continue", file=sys.stderr)
-        else:
-            print("quantwise: interrupted; nothing was written", file=sys.stderr)
+        else:  # outputs are written whole (fileio): one that was finished stays
+            done = ", ".join(str(p) for p in outputs_since(mark))
+            print(f"quantwise: interrupted; {f'finished before it: {done}; ' if done else ''}"
+                  "nothing else was written", file=sys.stderr)
         return 130
     if args.command == "qat":
         print(json.dumps(report.to_dict(), indent=2) if args.json else report)

@@ -26,6 +26,23 @@ from pathlib import Path
 from quantwise.errors import OutputPathError
 
 
+_written: list[Path] = []  # user outputs finished in this process (record_output), in order
+
+
+def record_output(path: str | Path) -> None:
+    """Note that `path` (a file or folder the user asked for) is now complete on disk, so an
+    interruption later can say what it left (cli.py)."""
+    _written.append(Path(path))
+
+
+def outputs_mark() -> int:
+    return len(_written)
+
+
+def outputs_since(mark: int) -> list[Path]:
+    return list(dict.fromkeys(_written[mark:]))
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -234,17 +251,20 @@ def swap_in(staging: Path, folder: Path) -> None:
     with output_lock(folder):
         if not folder.exists():
             os.replace(staging, folder)
+            record_output(folder)
             return
         # a name _clean_stale knows: if we are killed below, the next writer removes the old copy
         marked = new_staging(folder)
         os.replace(staging, marked)
         if _exchange(marked, folder):
+            record_output(folder)
             shutil.rmtree(marked, ignore_errors=True)  # now the old content
             return
         backup = new_staging(folder, "old")  # fallback: a kill between the renames leaves the
         os.replace(folder, backup / "old")   # old output here; the next writer puts it back
         try:
             os.replace(marked, folder)
+            record_output(folder)
         except BaseException:
             os.replace(backup / "old", folder)
             raise

@@ -26,7 +26,7 @@ from quantwise.errors import ModelLoadError, OutputPathError
 from quantwise.export import ops
 from quantwise.export.ort_exactness import choose_weight_dtype
 from quantwise.export.twin import LayerTwin, build_twin, layer_count
-from quantwise.fileio import new_staging, output_lock, write_failure
+from quantwise.fileio import new_staging, output_lock, record_output, write_failure
 from quantwise.modules import QuantizedLayer
 
 TWO_GB = 2 ** 31
@@ -213,6 +213,7 @@ def _save(program, path: Path) -> bool:
         if external and data.exists():
             os.replace(data, path.with_name(data.name))
         os.replace(target, path)
+        record_output(path)
         return external
     except OSError as exc:  # a full disk: the previous file is unchanged
         raise write_failure(exc, path) from exc

@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from quantwise.fileio import current_umask
+from quantwise.fileio import current_umask, record_output
 from quantwise.errors import CheckpointError, ExportError, ModelLoadError, OutputPathError
 from quantwise.formats.gguf_vocab import read_vocab, write_vocab
 from quantwise.formats.metadata import read_quantwise_json
@@ -295,6 +295,7 @@ def export_gguf(folder: str | os.PathLike, out: str | os.PathLike, qtype: str = 
         writer.close()
         os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, out)
+        record_output(out)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from quantwise.errors import OutputPathError
-from quantwise.fileio import atomic_write_text
+from quantwise.fileio import atomic_write_text, record_output
 from quantwise.report.document import SCHEMA, document, job_info, read_document
 
 
@@ -26,6 +26,7 @@ def write_report(doc: dict[str, Any], path: str | Path) -> Path:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, page)
+        record_output(path)
     except OSError as exc:
         raise OutputPathError(f"cannot write the report {path} ({exc.strerror or exc})") from exc
     return path
