@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import struct
 from pathlib import Path
 
@@ -266,9 +267,22 @@ def _(b: Base, tmp: Path) -> Case:
         data = quantwise.data.load_calibration_data(str(calib), allow_pickle=True)
         assert torch.equal(data[0], torch.load(calib, weights_only=True))
         assert quantwise.quantize(bad_models.mlp(), "w8a8", data, progress=False)
+
+    def after() -> None:  # benchmark reloads that float model: the same flag, the same refusal
+        import contextlib
+        import io
+
+        from quantwise.cli import main
+
+        bench = ["benchmark", str(tmp / "out"), "--data", str(b.tokens), "--json"]
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            assert main(bench) == 2
+            assert main(bench + ["--allow-pickle"]) == 0
+        assert re.search(r"pickle weights.*refused by default.*--allow-pickle", err.getvalue(), re.S), err.getvalue()
     return Case(["quantize", str(folder), "--calib", str(b.tokens), "--config", "w8", "--out",
                  str(tmp / "out"), "--allow-pickle", "--quiet"], r"note: .*loading pickle weights.*can run code",
-                rc=0, inputs=[folder, calib], api=api)
+                rc=0, inputs=[folder, calib], api=api, after=after)
 
 
 # -- 5: ONNX external data outside the folder ----------------------------------------------

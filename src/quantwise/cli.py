@@ -78,6 +78,10 @@ gate used).
 """
 
 
+PICKLE_HELP = ("load a Hugging Face folder's pickle weights (pytorch_model.bin) or pickled inputs "
+               "(.pt): unpickling can run code, so only for files you trust (refused by default)")
+
+
 def _model_args(p: argparse.ArgumentParser) -> None:
     """MODEL, --config, --calib, --method: shared by quantize and analyze."""
     p.add_argument("model", nargs="?", default="digits",
@@ -87,9 +91,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib", help="calibration data: built-in name (digits, stdlib-text), a text file, "
                                    "or a folder of .npy/.safetensors (default: the model's own)")
     p.add_argument("--method", choices=CALIBRATORS, help="activation calibrator for every layer")
-    p.add_argument("--allow-pickle", action="store_true",
-                   help="load a Hugging Face folder's pickle weights (pytorch_model.bin): unpickling "
-                        "can run code, so only for files you trust (refused by default)")
+    p.add_argument("--allow-pickle", action="store_true", help=PICKLE_HELP)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -145,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--data", help="evaluation inputs (same forms as --calib); default: the model's own "
                                   "held-out data")
     b.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    b.add_argument("--allow-pickle", action="store_true", help=PICKLE_HELP)
     g = sub.add_parser(
         "generate", help="continue a prompt with a causal LM, float or quantized (KV cache)",
         description="Load MODEL (a quantwise checkpoint folder, a built-in name such as stdlib-lm, "
@@ -233,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", default="report.html", help="the HTML file (default: report.html)")
     r.add_argument("--overwrite", action="store_true", help="replace an existing report (and checkpoint)")
     r.add_argument("--json", action="store_true", help="print the report document as JSON on stdout")
+    r.add_argument("--allow-pickle", action="store_true", help=PICKLE_HELP)
     i = sub.add_parser(
         "inspect", help="check an ONNX file and report which ops ONNX Runtime runs as integer kernels",
         description="Check FILE (not empty or truncated, external data only beside it), let ONNX "
@@ -270,10 +274,12 @@ def _report_document(args: argparse.Namespace, log, argv: list[str] | None):
     if source.is_file() and source.suffix.lower() in (".json", ".html", ".htm"):
         return read_document(source)
     if source.is_dir() and (source / "quantwise.json").is_file():
-        result = run_benchmark_job(source, args.data, args.model, log=log, collect_stats=True)
+        result = run_benchmark_job(source, args.data, args.model, log=log, collect_stats=True,
+                                   allow_pickle=args.allow_pickle)
     else:
         result = run_quantize_job(args.source, args.config, args.calib, overwrite=args.overwrite,
-                                  progress=not args.json, log=log, collect_stats=True)
+                                  progress=not args.json, log=log, collect_stats=True,
+                                  allow_pickle=args.allow_pickle)
     return document(result=result.to_dict(), stats=result.stats, command=argv)
 
 
@@ -371,7 +377,8 @@ def main(argv: list[str] | None = None) -> int:
                                   args.temperature, args.top_k, args.top_p, args.seed,
                                   engine=args.engine)
             elif args.command == "benchmark":
-                report = run_benchmark_job(args.folder, args.data, args.model, log=log)
+                report = run_benchmark_job(args.folder, args.data, args.model, log=log,
+                                           allow_pickle=args.allow_pickle)
             elif args.command == "report":
                 _check_report_path(args.out, args.overwrite)
                 report = _report_document(args, log, argv)

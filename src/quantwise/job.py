@@ -204,17 +204,19 @@ def run_analyze_job(model_ref: str = DEFAULT_MODEL, config: str = "w8a8", calib:
 
 
 def run_benchmark_job(folder: str | Path, data: str | None = None, model_ref: str | None = None,
-                      log: Callable[[str], None] = lambda _: None, collect_stats: bool = False) -> JobReport:
+                      log: Callable[[str], None] = lambda _: None, collect_stats: bool = False,
+                      allow_pickle: bool = False) -> JobReport:
     """Reload a saved quantized model and measure it against its float model, side by side
-    (the quantized model alone, by perplexity, when the float one would not fit in memory)."""
+    (the quantized model alone, by perplexity, when the float one would not fit in memory).
+    `allow_pickle`: the float model's or `data`'s pickle files are loaded (as for quantize)."""
     folder = Path(folder)
     too_big = _float_does_not_fit(folder, model_ref)
     if too_big:
         log(too_big)
-        return _measure_alone(folder, data, too_big)
-    meta, model, info, qmodel = _reload(folder, model_ref, log)
+        return _measure_alone(folder, data, too_big, allow_pickle)
+    meta, model, info, qmodel = _reload(folder, model_ref, log, allow_pickle)
     if data is not None:
-        evals = (load_calibration_data(data, info), "cosine")
+        evals = (load_calibration_data(data, info, allow_pickle=allow_pickle), "cosine")
     elif info.eval_data is not None:
         evals = eval_batches(info, [])
     else:
@@ -246,7 +248,7 @@ def _float_does_not_fit(folder: Path, model_ref: str | None) -> str | None:
             f"{available / 1e9:.1f} GB of memory available: measuring the quantized model alone")
 
 
-def _measure_alone(folder: Path, data: str | None, why: str) -> JobReport:
+def _measure_alone(folder: Path, data: str | None, why: str, allow_pickle: bool = False) -> JobReport:
     """Size, latency and perplexity of a quantized causal LM without its float model."""
     from quantwise.models.hf import folder_tokenizer
 
@@ -260,14 +262,15 @@ def _measure_alone(folder: Path, data: str | None, why: str) -> JobReport:
         raise CalibrationError(f"{folder} is a causal LM without its float model here: pass --data "
                                "(a text file, or .npy / .safetensors token ids) to score its perplexity")
     info = ModelInfo(folder.name, "causal-lm", None, None, "perplexity", source=str(folder))
-    batches = load_calibration_data(data, info, tokenizer=folder_tokenizer(folder), batch_size=8)
+    batches = load_calibration_data(data, info, tokenizer=folder_tokenizer(folder), batch_size=8,
+                                    allow_pickle=allow_pickle)
     after = Measured(meta["config"].get("name", "quantized"), folder_bytes(folder),
                      median_latency_ms(qmodel, batches[0]), evaluate(qmodel, batches, "perplexity"))
     return JobReport(info.name, after.name, folder, torch.get_num_threads(), None, after,
                      summary(qmodel), notes=[why])
 
 
-def _reload(folder: Path, model_ref: str | None, log: Callable[[str], None]
+def _reload(folder: Path, model_ref: str | None, log: Callable[[str], None], allow_pickle: bool = False
             ) -> tuple[dict[str, Any], nn.Module, ModelInfo, nn.Module]:
     """(metadata, float model, its info, the reloaded quantized model) of a saved folder."""
     meta = read_metadata(folder)
@@ -278,7 +281,7 @@ def _reload(folder: Path, model_ref: str | None, log: Callable[[str], None]
     if model_ref is None:
         refuse_code_source(ref)
     log(f"loading float model {ref!r} and {folder}")
-    model, info = load_model(ref)
+    model, info = load_model(ref, allow_pickle=allow_pickle)
     # a self-contained folder rebuilds without a copy of the float model (io.load): the float
     # model once, not twice, beside the quantized one
     return meta, model, info, load(folder) if model_ref is None and is_hf_folder(folder) \
