@@ -31,7 +31,7 @@ _written: list[Path] = []  # user outputs finished in this process (record_outpu
 
 def record_output(path: str | Path) -> None:
     """Note that `path` (a file or folder the user asked for) is now complete on disk, so an
-    interruption later can say what it left (cli.py)."""
+    interruption later can say what it left (cli/)."""
     _written.append(Path(path))
 
 

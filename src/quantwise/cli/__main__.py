@@ -1,0 +1,5 @@
+import sys
+
+from quantwise.cli import main
+
+sys.exit(main())
