@@ -127,10 +127,18 @@ def test_training_mode_and_grad_inputs_use_the_layer_forward(qbert):
     assert torch.equal(a, b)
 
 
-def test_static_int8_layers_are_fused_too():
+@pytest.mark.parametrize("gemm", [None, "onednn", "fbgemm"])
+def test_static_int8_layers_are_fused_too(gemm, monkeypatch):
+    """Static layers on each kernel the probe can pick; "onednn" runs the FFN as two oneDNN calls
+    whatever GEMM the fast path's own static Linears use (FBGEMM's float codes on AVX2-only
+    CPUs: they crashed oneDNN there, seen with a forced and possible with a timed choice)."""
+    if gemm:
+        monkeypatch.setenv("QUANTWISE_INT8_GEMM", gemm)
     model = _bert()
     q = quantwise.quantize(model, "w8a8", [_inputs()], progress=False)  # static activations
     assert get_state(q).encoder.layers == ["encoder.layer.0", "encoder.layer.1"]
+    if gemm == "onednn":
+        assert q.encoder.layer[0].__dict__["forward"].onednn_ffn
     slow = copy.deepcopy(q)
     remove_encoder_fastpath(slow)
     batch = _inputs()

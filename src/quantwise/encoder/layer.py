@@ -194,7 +194,11 @@ class FastBertLayer:
         """f(GELU(i(h1))) + h1 with two oneDNN calls; the sum is written into h1."""
         ki, kf = self.i_mod.kernel, self.f_mod.kernel
         codes, _ = self._quantize(h1, self.i, "h")
-        u = codes.view(torch.uint8).bitwise_xor_(128)  # int8 codes + 128: i's uint8 codes
+        if codes.dtype == torch.float32:  # FBGEMM's form (float codes minus the zero point)
+            u = self._buf("uh", codes.shape, torch.uint8)
+            u.copy_(codes.add_(self.i.fb_zp))  # + the zero point: i's uint8 codes, 0..255
+        else:
+            u = codes.view(torch.uint8).bitwise_xor_(128)  # int8 codes + 128: i's uint8 codes
         y = torch.ops.onednn.qlinear_pointwise(
             u, ki.quant.scale, ki.quant.zero_point, ki.packed, ki.w_scale, ki.w_zero_point,
             ki.bias, kf.quant.scale, kf.quant.zero_point, torch.uint8, "gelu", [],
