@@ -45,8 +45,9 @@ def default_per_token_order() -> list[str]:
     sent some layers to it and cost the encoder its fused FFN pass (encoder/layer.py).
     QUANTWISE_INT8_GEMM=onednn|int_mm|fbgemm forces one."""
     from quantwise.kernels.probe import cpu_isa
-    if _forced():
-        return _forced()
+    forced = _forced()
+    if forced:
+        return forced
     if cpu_isa() == "amx":
         return ["onednn_linear", "int_mm", "fbgemm_linear"]
     if probe().saturates("onednn_linear"):

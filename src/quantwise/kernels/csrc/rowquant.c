@@ -20,6 +20,12 @@ static inline float row_scale(float amax, int nan, float qmax, float tiny) {
     return s < tiny ? tiny : s;  /* false for NaN: the scale stays NaN */
 }
 
+/* A row's running max |v| and NaN mask, 8 values at a time (the scale of its codes). */
+AVX2 static inline void track8(__m256 v, __m256 *mx, __m256 *bad) {
+    *bad = _mm256_or_ps(*bad, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    *mx = _mm256_max_ps(*mx, _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v));
+}
+
 /* codes round(x / s) as float32, in place allowed. A non-finite scale gets zero codes: the
  * output row is then 0 x (NaN or Inf) = NaN after the rescale, never a clamped NaN code. */
 AVX2 static void row_codes(const float *x, float *c, int k, float s, int exact) {
@@ -41,14 +47,9 @@ AVX2 static void row_codes(const float *x, float *c, int k, float s, int exact) 
 
 /* One row: its scale max|x| / qmax and codes round(x / scale). */
 AVX2 static float quantize_row(const float *x, float *c, int k, float qmax, float tiny) {
-    const __m256 sign = _mm256_set1_ps(-0.0f);
     __m256 mx = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
     int j = 0;
-    for (; j + 8 <= k; j += 8) {
-        const __m256 v = _mm256_loadu_ps(x + j);
-        bad = _mm256_or_ps(bad, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-        mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, v));
-    }
+    for (; j + 8 <= k; j += 8) track8(_mm256_loadu_ps(x + j), &mx, &bad);
     float amax = hmax8(mx);
     int nan = _mm256_movemask_ps(bad) != 0;
     for (; j < k; j++) {
@@ -118,7 +119,7 @@ AVX2 void qw_bias_gelu_quantize(float *y, const float *s, const float *bias, con
 #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
     for (int i = 0; i < m; i++) {
         float *r = y + (int64_t)i * n;
-        const __m256 vs = _mm256_set1_ps(s[i]), sign = _mm256_set1_ps(-0.0f);
+        const __m256 vs = _mm256_set1_ps(s[i]);
         __m256 mx = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
         int j = 0;
         /* two vectors per step: their Horner chains (~50 cycles of latency each) overlap */
@@ -128,15 +129,13 @@ AVX2 void qw_bias_gelu_quantize(float *y, const float *s, const float *bias, con
                                    smooth ? smooth + j + 8 : 0);
             _mm256_storeu_ps(r + j, a);
             _mm256_storeu_ps(r + j + 8, b);
-            bad = _mm256_or_ps(bad, _mm256_or_ps(_mm256_cmp_ps(a, a, _CMP_UNORD_Q),
-                                                 _mm256_cmp_ps(b, b, _CMP_UNORD_Q)));
-            mx = _mm256_max_ps(mx, _mm256_max_ps(_mm256_andnot_ps(sign, a), _mm256_andnot_ps(sign, b)));
+            track8(a, &mx, &bad);
+            track8(b, &mx, &bad);
         }
         for (; j + 8 <= n; j += 8) {
             const __m256 v = gelu8(_mm256_loadu_ps(r + j), vs, bias ? bias + j : 0, smooth ? smooth + j : 0);
             _mm256_storeu_ps(r + j, v);
-            bad = _mm256_or_ps(bad, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-            mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, v));
+            track8(v, &mx, &bad);
         }
         float amax = hmax8(mx);
         int nan = _mm256_movemask_ps(bad) != 0;
@@ -194,7 +193,7 @@ AVX2 void qw_residual_layernorm(float *y, const float *s, const float *bias, con
         float var = hsum8(sq);
         for (; j < n; j++) var += (r[j] - mean) * (r[j] - mean);
         const float rstd = 1.0f / sqrtf(var / n + eps);
-        const __m256 vr = _mm256_set1_ps(rstd), sign = _mm256_set1_ps(-0.0f);
+        const __m256 vr = _mm256_set1_ps(rstd);
         __m256 mx = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
         float *c = codes ? codes + (int64_t)i * n : 0;
         for (j = 0; j + 8 <= n; j += 8) {
@@ -204,8 +203,7 @@ AVX2 void qw_residual_layernorm(float *y, const float *s, const float *bias, con
             if (c) {
                 const __m256 t = smooth ? _mm256_div_ps(h, _mm256_loadu_ps(smooth + j)) : h;
                 _mm256_storeu_ps(c + j, t);
-                bad = _mm256_or_ps(bad, _mm256_cmp_ps(t, t, _CMP_UNORD_Q));
-                mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, t));
+                track8(t, &mx, &bad);
             }
         }
         float amax = hmax8(mx);
